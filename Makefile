@@ -1,0 +1,47 @@
+# The README's two commands: `make demo` and `make test`. Each sets up .venv itself, idempotently.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch first, pinned to the CPU wheel on this disk; a looser pin would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-fast lint format bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e ".[dev,prodigy]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/faceforge demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" --timeout=900
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu and not slow" --timeout=600
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) bench/prepare.py
+	$(PY) bench/train_step.py --model mmface-dit-xl --device cpu --depth 2
+
+clean:
+	rm -rf demo_out .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The jobs of faceforge: dataset readers, synthetic faces, precompute (Ray Data), train, publish, CLI."""

@@ -1,0 +1,1 @@
+"""The Ray Serve application that generates faces from text, masks and sketches."""
