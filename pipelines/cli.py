@@ -1,0 +1,244 @@
+"""``faceforge``: the command line. ``python -m pipelines`` is the same program.
+
+Each subcommand parses its arguments here and hands off to the module that does the work; heavy imports
+(torch, Ray, MLflow) happen only inside the handler that needs them, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+faceforge: train and serve controllable face generators (MMFace-DiT, Face-MoGLE) on Ray.
+
+Typical flow:
+  faceforge data synth --out data/synth --n 512            # or bring a dataset in a known layout
+  faceforge data check --layout celebamask-hq --root data/synth
+  faceforge data prepare --layout celebamask-hq --root data/synth --out data/synth-64
+  faceforge train configs/mmface_dit_tiny.yaml data=data/synth-64
+  faceforge model info mmface-dit-xl
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, no traceback."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from pipelines.data.synth import synthesize
+
+    info = synthesize(Path(args.out), n=args.n, size=args.size, seed=args.seed)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from pipelines.data.readers import check_dataset, open_reader
+
+    report = check_dataset(open_reader(args.layout, args.root, **_reader_options(args)))
+    problems = report.get("problems", [])
+    shown = problems if args.all_problems else problems[:20]
+    summary = {k: v for k, v in report.items() if k != "problems"}
+    print(json.dumps(summary, indent=2))
+    for problem in shown:
+        print(f"  {problem['id']}: {problem['reason']}")
+    if len(shown) < len(problems):
+        print(f"  ... and {len(problems) - len(shown)} more (--all-problems lists them)")
+    if report["n_ok"] == 0:
+        print(f"faceforge: nothing readable under {args.root} as layout {args.layout}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _reader_options(args: argparse.Namespace) -> dict:
+    return {"test_from": args.test_from} if getattr(args, "test_from", None) is not None else {}
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from pipelines.data.prepare import PrepareOptions, prepare
+
+    options = PrepareOptions(
+        layout=args.layout,
+        root=args.root,
+        out=args.out,
+        size=args.size,
+        codec=args.codec,
+        text=args.text,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        rows_per_shard=args.rows_per_shard,
+        encode_batch=args.encode_batch,
+        max_captions=args.max_captions,
+        sketch_model=args.sketch_model,
+        allow_uncaptioned=args.allow_uncaptioned,
+        reader_options=_reader_options(args),
+        num_encoders=args.num_encoders,
+    )
+    manifest = prepare(options, progress=not args.quiet)
+    counts = manifest["counts"]
+    print(
+        f"wrote {counts['n_written']} rows, rejected {counts['n_rejected']} of {counts['n_input']} "
+        f"into {args.out}/shards ({len(manifest['shards'])} shards); manifest: {args.out}/manifest.json"
+    )
+    if counts["n_rejected"]:
+        print(f"rejected records and reasons: {args.out}/rejects.jsonl")
+    return 0 if counts["n_written"] else 1
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from pipelines.data.prepare import inspect_field
+
+    array = inspect_field(args.out_dir, args.id, args.field)
+    np.save(args.out, array)
+    print(f"{args.field} of {args.id}: shape {list(array.shape)} {array.dtype} -> {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from modeling.presets import describe
+
+    print(json.dumps(describe(args.preset), indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ train etc.
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.train.run import train_from_cli
+
+    return train_from_cli(args.config, args.overrides)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from pipelines.train.publish import publish_from_cli
+
+    return publish_from_cli(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(Path(args.workdir), n=args.n, steps=args.steps)
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="faceforge", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="synthesise, check and precompute datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    synth = data_sub.add_parser("synth", help="write synthetic faces with known attributes (celebamask-hq layout)")
+    synth.add_argument("--out", required=True, help="folder to write (created)")
+    synth.add_argument("--n", type=int, default=256, help="number of faces (default 256)")
+    synth.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    synth.set_defaults(func=cmd_data_synth)
+
+    layouts = "celebamask-hq, mmcelebahq, mmface, folder"
+    check = data_sub.add_parser("check", help="count records and list problems; exit 1 when nothing is readable")
+    check.add_argument("--layout", required=True, help=f"dataset layout: {layouts}")
+    check.add_argument("--root", required=True, help="dataset folder")
+    check.add_argument("--test-from", type=int, help="numeric ids from here on are the test split (default 27000)")
+    check.add_argument("--all-problems", action="store_true", help="list every problem, not the first 20")
+    check.set_defaults(func=cmd_data_check)
+
+    prep = data_sub.add_parser(
+        "prepare",
+        help="precompute latents and text embeddings into Parquet shards (Ray Data)",
+        description="Reads a dataset, validates and transforms every record, encodes images, masks, sketches "
+        "and captions on an actor pool, and writes OUT/shards/*.parquet + OUT/manifest.json + OUT/rejects.jsonl. "
+        "Re-running on the same OUT skips finished shards.",
+    )
+    prep.add_argument("--layout", required=True, help=f"dataset layout: {layouts}")
+    prep.add_argument("--root", required=True, help="dataset folder")
+    prep.add_argument("--out", required=True, help="output folder (resumable)")
+    prep.add_argument("--size", type=int, default=64, help="square training resolution in pixels (default 64)")
+    prep.add_argument(
+        "--codec", default="pixel", help="'pixel' (lossless pixel-unshuffle, default) or a local AutoencoderKL folder"
+    )
+    prep.add_argument(
+        "--text",
+        default="minilm",
+        help="'minilm' (default, bundled), a local CLIP text folder, or flux:T5PATH,CLIPPATH",
+    )
+    prep.add_argument("--targets", default="mmface,mogle", help="which models' fields to write (default both)")
+    prep.add_argument("--rows-per-shard", type=int, default=64, help="rows per Parquet shard (default 64)")
+    prep.add_argument("--encode-batch", type=int, default=16, help="records per encoder forward (default 16)")
+    prep.add_argument("--max-captions", type=int, default=10, help="captions kept per image (default 10)")
+    prep.add_argument("--sketch-model", help="TorchScript sketch extractor (default: built-in line drawing)")
+    prep.add_argument("--allow-uncaptioned", action="store_true", help="keep records without captions ('')")
+    prep.add_argument("--test-from", type=int, help="numeric ids from here on are the test split (default 27000)")
+    prep.add_argument("--num-encoders", type=int, help="encoder actors (default: one per GPU, else cores/2)")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    insp = data_sub.add_parser("inspect", help="export one stored field of one row as .npy")
+    insp.add_argument("out_dir", metavar="OUT", help="a prepared folder")
+    insp.add_argument("--id", required=True, help="record id")
+    insp.add_argument("--field", required=True, help="e.g. image_latent, mask_labels, text_seq, cond_latents")
+    insp.add_argument("--out", required=True, help="the .npy file to write")
+    insp.set_defaults(func=cmd_data_inspect)
+
+    model = sub.add_parser("model", help="inspect model presets")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    info = model_sub.add_parser("info", help="parameter counts of a preset as JSON (meta device, no weights)")
+    info.add_argument("preset", help="e.g. mmface-dit-xl, mmface-dit-tiny, face-mogle-flux-dev, face-mogle-tiny")
+    info.set_defaults(func=cmd_model_info)
+
+    train = sub.add_parser(
+        "train",
+        help="train a model from prepared shards (Ray Train + DeepSpeed)",
+        description="faceforge train CONFIG [key=value ...]: dotted keys override the YAML config, "
+        "e.g. data=PATH max_steps=20 zero_stage=3 train.lr=1e-4. Re-running with the same run name resumes.",
+    )
+    train.add_argument("config", help="a YAML config, e.g. configs/mmface_dit_tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides")
+    train.set_defaults(func=cmd_train)
+
+    publish = sub.add_parser("publish", help="register a run's checkpoint as an MLflow model version")
+    publish.add_argument("run", help="run name (or MLflow run id)")
+    publish.add_argument("--storage", default="runs", help="the runs folder (default runs)")
+    publish.add_argument("--checkpoint", help="checkpoint folder (default: the run's latest)")
+    publish.set_defaults(func=cmd_publish)
+
+    demo = sub.add_parser("demo", help="the whole pipeline end to end on synthetic faces, on this machine")
+    demo.add_argument("--workdir", default="demo_out", help="where the demo writes (default demo_out)")
+    demo.add_argument("--n", type=int, default=192, help="synthetic faces (default 192)")
+    demo.add_argument("--steps", type=int, default=60, help="training steps per model (default 60)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, FileNotFoundError, NotADirectoryError, ValueError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"faceforge: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("faceforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

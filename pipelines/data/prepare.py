@@ -1,0 +1,460 @@
+"""Precompute: a face dataset on disk -> Parquet shards of latents and text embeddings, once.
+
+The Ray Data pipeline, per shard (a fixed, sorted slice of one split's ids):
+
+    plans (from_items) -> map(load_shard): read + validate + resize + decouple masks + sketch + clean captions
+                       -> map_batches(ShardEncoder, actor pool): codec + text encoder (GPU actors when
+                          GPUs exist), write ``shards/{split}-{k}.parquet`` and the shard's rejects
+    driver: progress bar, then ``rejects.jsonl`` and ``manifest.json`` from the per-shard done markers.
+
+A shard is finished once ``shards/.done/{name}.json`` exists (written last, atomically), so a re-run skips
+finished shards and a killed run restarted ends with the same rows and manifest as an uninterrupted one.
+Every input record is either a row or a line in ``rejects.jsonl``: ``n_input == n_written + n_rejected``.
+
+Tensors are stored as raw little-endian bytes (zero-copy ``np.frombuffer`` in the trainer); the manifest's
+``fields`` gives each one's dtype and shape (``-1`` = the per-row ``text_tokens``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.data.readers import FaceRecord, RecordError, open_reader
+from pipelines.data.transforms import SketchExtractor, clean_captions, decouple_mask, resize_image, resize_labels
+
+SCHEMA_VERSION = 1
+TARGETS = ("mmface", "mogle")
+DONE_DIR = ".done"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    layout: str
+    root: str
+    out: str
+    size: int = 64
+    codec: str = "pixel"
+    text: str = "minilm"
+    targets: tuple[str, ...] = TARGETS
+    rows_per_shard: int = 64
+    encode_batch: int = 16
+    max_captions: int = 10
+    max_tokens: int = 77
+    sketch_model: str | None = None
+    allow_uncaptioned: bool = False
+    reader_options: dict = field(default_factory=dict)
+    num_encoders: int | None = None
+
+    def validate(self) -> None:
+        unknown = set(self.targets) - set(TARGETS)
+        if unknown or not self.targets:
+            raise ValueError(f"--targets {','.join(self.targets)}: choose from {','.join(TARGETS)}")
+        if self.size < 8 or self.size % 8:
+            raise ValueError(f"--size {self.size}: expected a multiple of 8 (>= 8)")
+        if self.rows_per_shard < 1 or self.encode_batch < 1 or self.max_captions < 1:
+            raise ValueError("rows_per_shard, encode_batch and max_captions must be >= 1")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str
+    split: str
+    ids: tuple[str, ...]
+
+
+def plan_shards(ids_by_split: dict[str, list[str]], rows_per_shard: int) -> list[ShardPlan]:
+    plans = []
+    for split in sorted(ids_by_split):
+        ids = ids_by_split[split]
+        for k, start in enumerate(range(0, len(ids), rows_per_shard)):
+            plans.append(ShardPlan(f"{split}-{k:05d}", split, tuple(ids[start : start + rows_per_shard])))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+
+
+def prepare_record(record: FaceRecord, options: PrepareOptions, sketcher: SketchExtractor) -> dict:
+    """Validated, resized arrays for one record; raises ``RecordError`` with the reason to reject it."""
+    size = options.size
+    image = resize_image(record.image, size)
+    label_map = None
+    if record.label_map is not None:
+        h, w = record.image.shape[:2]
+        mh, mw = record.label_map.shape
+        if abs(h / w - mh / mw) > 0.02:
+            raise RecordError(record.id, f"mask {mw}x{mh} and image {w}x{h} have different aspect ratios")
+        if int(record.label_map.max(initial=0)) > 18:
+            raise RecordError(record.id, f"label values out of range (max {int(record.label_map.max())} > 18)")
+        label_map = resize_labels(record.label_map, size)
+    if "mogle" in options.targets and label_map is None:
+        raise RecordError(record.id, "no mask, but --targets includes mogle (masks are its condition)")
+    if "mmface" in options.targets and label_map is None and record.sketch is None and sketcher is None:
+        raise RecordError(record.id, "no mask and no sketch for the mmface target")
+    if record.sketch is not None:
+        sketch = resize_image(record.sketch, size)
+        sketch_source = "dataset"
+    else:
+        sketch = sketcher(image)
+        sketch_source = sketcher.name
+    captions = clean_captions(record.captions)[: options.max_captions]
+    if not captions:
+        if not options.allow_uncaptioned:
+            raise RecordError(
+                record.id,
+                "no usable caption after cleaning (add captions, or pass --allow-uncaptioned to train on '')",
+            )
+        captions = [""]
+    return {
+        "id": record.id,
+        "split": record.split,
+        "image": image,
+        "label_map": label_map,
+        "sketch": sketch,
+        "sketch_source": sketch_source,
+        "captions": captions,
+    }
+
+
+def load_shard(item: dict, options: PrepareOptions) -> dict:
+    """Ray Data ``map``: reads and transforms every record of one shard (CPU work, no model)."""
+    reader = open_reader(options.layout, options.root, **options.reader_options)
+    sketcher = SketchExtractor(options.sketch_model)
+    prepared, rejects = [], []
+    for record_id in item["ids"]:
+        try:
+            prepared.append(prepare_record(reader.read(record_id), options, sketcher))
+        except RecordError as error:
+            rejects.append({"id": record_id, "reason": error.reason})
+        except Exception as error:  # a bad file never stops the job: it is rejected with what went wrong
+            rejects.append({"id": record_id, "reason": f"unexpected {type(error).__name__}: {error}"})
+    return {"name": item["name"], "payload": pickle.dumps((prepared, rejects), protocol=5)}
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+
+
+def _to_unit(images: np.ndarray):
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _grey_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _f16(tensor) -> bytes:
+    return tensor.detach().to("cpu").float().numpy().astype("<f2").tobytes()
+
+
+class ShardEncoder:
+    """Actor holding the frozen codec and text encoder; encodes whole shards and writes them."""
+
+    def __init__(self, options: PrepareOptions) -> None:
+        import torch
+
+        from modeling.codecs import load_codec
+        from modeling.text_encoders import load_text_encoder
+
+        self.options = options
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.codec = load_codec(options.codec, self.device, dtype)
+        self.text = load_text_encoder(options.text, self.device, dtype)
+        self.out = Path(options.out)
+        self._write_null_text()
+
+    def _write_null_text(self) -> None:
+        """The empty caption's embedding: what a dropped caption becomes during training."""
+        from safetensors.torch import save_file
+
+        target = self.out / "null_text.safetensors"
+        if target.exists():
+            return
+        emb = self.text.encode([""])
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        save_file({"seq": emb.seq[0].cpu(), "mask": emb.mask[0].cpu(), "pooled": emb.pooled[0].cpu()}, str(tmp))
+        os.replace(tmp, target)
+
+    def __call__(self, batch: dict) -> dict:
+        stats = [self.encode_and_write(name, payload) for name, payload in zip(batch["name"], batch["payload"])]
+        return {"name": np.array([s["name"] for s in stats]), "stats": np.array([json.dumps(s) for s in stats])}
+
+    def encode_and_write(self, name: str, payload: bytes) -> dict:
+        prepared, rejects = pickle.loads(payload)
+        rows, more_rejects = [], []
+        step = self.options.encode_batch
+        for start in range(0, len(prepared), step):
+            chunk = prepared[start : start + step]
+            try:
+                rows.extend(self.encode_chunk(chunk))
+            except Exception as error:  # keep the shard going: retry one by one to isolate the culprit
+                if len(chunk) == 1:
+                    more_rejects.append({"id": chunk[0]["id"], "reason": f"encoding failed: {error}"})
+                    continue
+                for record in chunk:
+                    try:
+                        rows.extend(self.encode_chunk([record]))
+                    except Exception as single_error:
+                        more_rejects.append({"id": record["id"], "reason": f"encoding failed: {single_error}"})
+        rejects = rejects + more_rejects
+        return write_shard(self.out, name, rows, rejects)
+
+    def encode_chunk(self, chunk: list[dict]) -> list[dict]:
+        import torch
+
+        targets = self.options.targets
+        codec = self.codec
+        device = self.device
+        with torch.no_grad():
+            images = _to_unit(np.stack([r["image"] for r in chunk])).to(device)
+            image_latents = codec.encode(images)
+            has_mask = [r["label_map"] is not None for r in chunk]
+            size = self.options.size
+            labels = np.stack(
+                [r["label_map"] if r["label_map"] is not None else np.zeros((size, size), np.uint8) for r in chunk]
+            )
+            decoupled = [decouple_mask(lab) for lab in labels]
+            out: dict[str, list] = {}
+            if "mmface" in targets:
+                colours = _to_unit(np.stack([d[0] for d in decoupled])).to(device)
+                sketches = _to_unit(np.stack([_grey_rgb(r["sketch"]) for r in chunk])).to(device)
+                out["mask_latent"] = list(codec.encode(colours))
+                out["sketch_latent"] = list(codec.encode(sketches))
+            if "mogle" in targets:
+                cond_images = []
+                for colour, binary in decoupled:
+                    cond_images.append(colour)
+                    cond_images.extend(_grey_rgb(b.astype(np.uint8) * 255) for b in binary)
+                cond = codec.encode(_to_unit(np.stack(cond_images)).to(device))
+                out["cond_latents"] = list(cond.reshape(len(chunk), 20, *cond.shape[1:]))
+            captions = [[self.text.truncate(c, self.options.max_tokens) or c for c in r["captions"]] for r in chunk]
+            flat = [c for cs in captions for c in cs]
+            emb = self.text.encode(flat)
+        rows, offset = [], 0
+        for i, record in enumerate(chunk):
+            k = len(captions[i])
+            seq, mask, pooled = (
+                emb.seq[offset : offset + k],
+                emb.mask[offset : offset + k],
+                emb.pooled[offset : offset + k],
+            )
+            offset += k
+            tokens = max(int(mask.sum(1).max()), 1) if not bool(mask.all()) else mask.shape[1]
+            row = {
+                "id": record["id"],
+                "split": record["split"],
+                "captions": captions[i],
+                "n_captions": k,
+                "text_tokens": tokens,
+                "has_mask": has_mask[i],
+                "sketch_source": record["sketch_source"],
+                "mask_labels": labels[i].tobytes(),
+                "image_latent": _f16(image_latents[i]),
+                "text_seq": _f16(seq[:, :tokens]),
+                "text_mask": mask[:, :tokens].to("cpu").numpy().astype(np.uint8).tobytes(),
+                "text_pooled": _f16(pooled),
+            }
+            for key, values in out.items():
+                row[key] = _f16(values[i])
+            rows.append(row)
+        return rows
+
+
+def write_shard(out: Path, name: str, rows: list[dict], rejects: list[dict]) -> dict:
+    """Writes the shard's Parquet file and rejects, then its done marker (last, atomically)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = out / "shards"
+    done = shards / DONE_DIR
+    done.mkdir(parents=True, exist_ok=True)
+    path = shards / f"{name}.parquet"
+    if rows:
+        table = pa.Table.from_pylist(rows)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    elif path.exists():
+        path.unlink()
+    stats = {
+        "name": name,
+        "split": name.rsplit("-", 1)[0],
+        "n_written": len(rows),
+        "n_rejected": len(rejects),
+        "rejects": rejects,
+        "file": path.name if rows else None,
+    }
+    tmp = done / f"{name}.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(stats))
+    os.replace(tmp, done / f"{name}.json")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def field_schema(options: PrepareOptions, latent_shape: tuple[int, ...], text_dims: tuple[int, int]) -> dict:
+    seq_dim, pooled_dim = text_dims
+    fields = {
+        "mask_labels": {"dtype": "uint8", "shape": [options.size, options.size]},
+        "image_latent": {"dtype": "float16", "shape": list(latent_shape)},
+        "text_seq": {"dtype": "float16", "shape": ["n_captions", "text_tokens", seq_dim]},
+        "text_mask": {"dtype": "uint8", "shape": ["n_captions", "text_tokens"]},
+        "text_pooled": {"dtype": "float16", "shape": ["n_captions", pooled_dim]},
+    }
+    if "mmface" in options.targets:
+        fields["mask_latent"] = {"dtype": "float16", "shape": list(latent_shape)}
+        fields["sketch_latent"] = {"dtype": "float16", "shape": list(latent_shape)}
+    if "mogle" in options.targets:
+        fields["cond_latents"] = {"dtype": "float16", "shape": [20, *latent_shape]}
+    return fields
+
+
+def decode_field(row: dict, name: str, spec: dict) -> np.ndarray:
+    """One stored tensor of one row as a numpy array (shape names resolved from the row)."""
+    shape = [row[s] if isinstance(s, str) else s for s in spec["shape"]]
+    return np.frombuffer(row[name], dtype=np.dtype(spec["dtype"]).newbyteorder("<")).reshape(shape)
+
+
+def _describe_components(options: PrepareOptions) -> tuple[dict, dict, tuple[int, ...], tuple[int, int]]:
+    """Codec and text encoder descriptions without loading weights where the config tells enough."""
+    import torch
+
+    from modeling.codecs import load_codec
+    from modeling.text_encoders import load_text_encoder
+
+    # The driver loads them once on CPU for the manifest; on a cluster with paper-size encoders this is a
+    # one-off cost of a few seconds next to hours of encoding, and it fails fast on a wrong path.
+    codec = load_codec(options.codec, "cpu", torch.float32)
+    text = load_text_encoder(options.text, "cpu", torch.float32)
+    return codec.describe(), text.describe(), codec.latent_shape(options.size), (text.seq_dim, text.pooled_dim)
+
+
+def prepare(options: PrepareOptions, progress: bool = True) -> dict:
+    """Runs (or resumes) the whole precompute; returns the manifest."""
+    import ray
+    from tqdm import tqdm
+
+    from pipelines.ray_runtime import ensure_ray
+
+    options.validate()
+    out = Path(options.out)
+    (out / "shards" / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    reader = open_reader(options.layout, options.root, **options.reader_options)
+    ids_by_split: dict[str, list[str]] = {}
+    for record_id in reader.ids():
+        ids_by_split.setdefault(reader.split_of(record_id), []).append(record_id)
+    plans = plan_shards(ids_by_split, options.rows_per_shard)
+    codec_info, text_info, latent_shape, text_dims = _describe_components(options)
+
+    done_dir = out / "shards" / DONE_DIR
+    pending = [p for p in plans if not (done_dir / f"{p.name}.json").exists()]
+    if pending:
+        ensure_ray()
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        encoders = options.num_encoders or (gpus if gpus else max(1, cpus // 2))
+        encoders = min(encoders, len(pending))
+        items = [{"name": p.name, "ids": list(p.ids)} for p in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map(load_shard, fn_kwargs={"options": options}, num_cpus=1)
+        ds = ds.map_batches(
+            ShardEncoder,
+            fn_constructor_kwargs={"options": options},
+            batch_size=1,
+            concurrency=encoders,
+            num_gpus=1 if gpus else 0,
+            num_cpus=0 if gpus else 1,
+        )
+        bar = tqdm(total=len(pending), desc="prepare shards", unit="shard", disable=not progress)
+        for _ in ds.iter_rows():
+            bar.update(1)
+        bar.close()
+
+    manifest = build_manifest(options, plans, codec_info, text_info, latent_shape, text_dims, reader)
+    return manifest
+
+
+def build_manifest(options, plans, codec_info, text_info, latent_shape, text_dims, reader) -> dict:
+    out = Path(options.out)
+    done_dir = out / "shards" / DONE_DIR
+    splits: dict[str, dict] = {}
+    shards, rejects = [], []
+    missing = []
+    for plan in plans:
+        marker = done_dir / f"{plan.name}.json"
+        if not marker.exists():
+            missing.append(plan.name)
+            continue
+        stats = json.loads(marker.read_text())
+        counts = splits.setdefault(plan.split, {"n_input": 0, "n_written": 0, "n_rejected": 0})
+        counts["n_input"] += len(plan.ids)
+        counts["n_written"] += stats["n_written"]
+        counts["n_rejected"] += stats["n_rejected"]
+        if stats["file"]:
+            shards.append({"file": stats["file"], "split": plan.split, "rows": stats["n_written"]})
+        rejects.extend(stats["rejects"])
+    if missing:
+        raise RuntimeError(f"{len(missing)} shard(s) did not finish ({', '.join(missing[:5])}); run prepare again")
+    tmp = out / "rejects.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    os.replace(tmp, out / "rejects.jsonl")
+    totals = {k: sum(s[k] for s in splits.values()) for k in ("n_input", "n_written", "n_rejected")}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "layout": options.layout,
+        "root": str(Path(options.root).resolve()),
+        "size": options.size,
+        "targets": list(options.targets),
+        "codec": codec_info,
+        "text_encoder": text_info,
+        "sketch": SketchExtractor(options.sketch_model).name,
+        "latent_shape": list(latent_shape),
+        "text_dims": {"seq": text_dims[0], "pooled": text_dims[1]},
+        "fields": field_schema(options, latent_shape, text_dims),
+        "counts": {**totals, "splits": splits},
+        "shards": shards,
+        "options": {k: v for k, v in asdict(options).items() if k not in ("out",)},
+    }
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, out / "manifest.json")
+    del reader
+    return manifest
+
+
+def load_manifest(out: str | Path) -> dict:
+    path = Path(out) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; run `faceforge data prepare ... --out {out}` first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: schema version {manifest.get('schema_version')}, this faceforge reads {SCHEMA_VERSION}; "
+            "re-run prepare into a new folder"
+        )
+    return manifest
+
+
+def inspect_field(out: str | Path, record_id: str, field_name: str) -> np.ndarray:
+    """One field of one row, e.g. ``image_latent`` of id ``17``."""
+    import pyarrow.dataset as pads
+
+    manifest = load_manifest(out)
+    fields = manifest["fields"]
+    if field_name not in fields:
+        raise KeyError(f"field {field_name!r} not stored; stored fields: {', '.join(sorted(fields))}")
+    files = [str(Path(out) / "shards" / s["file"]) for s in manifest["shards"]]
+    table = pads.dataset(files, format="parquet").to_table(filter=pads.field("id") == record_id)
+    if table.num_rows == 0:
+        raise KeyError(f"id {record_id!r} is not among the written rows of {out} (see rejects.jsonl)")
+    row = table.slice(0, 1).to_pylist()[0]
+    return decode_field(row, field_name, fields[field_name]).copy()

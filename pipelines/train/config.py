@@ -1,0 +1,283 @@
+"""One typed, validated training config for both architectures.
+
+A YAML file gives the sections below; ``key=value`` overrides use dotted keys (``train.lr=3e-4``) or the
+short aliases in ``ALIASES`` (``data=PATH max_steps=20 zero_stage=3``). Validation happens once, here; the
+trainer trusts the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+ARCHITECTURES = ("mmface-dit", "face-mogle")
+OBJECTIVES = {"mmface-dit": ("rfm", "ddpm"), "face-mogle": ("flux-rf",)}
+OPTIMIZERS = ("adamw8bit", "deepspeed_adamw", "prodigy")
+
+
+@dataclass
+class RunSection:
+    name: str = "run"  # Ray Train run name: re-running with the same name resumes from its last checkpoint
+    storage: str = "runs"  # Ray Train storage path (local folder or cluster storage URI)
+    seed: int = 0
+    experiment: str | None = None  # MLflow experiment; default "<dataset>/<arch>"
+
+
+@dataclass
+class ModelSection:
+    arch: str = "mmface-dit"
+    preset: str = "mmface-dit-tiny"
+    objective: str = "rfm"
+    min_snr_gamma: float | None = 5.0  # DDPM only; null switches Min-SNR weighting off
+    grad_checkpointing: int = 0  # 0 off, 1 every block, k every k-th block
+    mode: str = "lora"  # face-mogle: lora (paper) | full (trains the whole tiny FLUX)
+    init_from: str | None = None  # checkpoint folder whose weights initialise the model (512 from 256, ...)
+    base_from: str | None = None  # face-mogle lora on a tiny base: the base run's checkpoint folder
+    options: dict = field(default_factory=dict)  # architecture extras (e.g. text_rope, MoGLE ablation)
+
+
+@dataclass
+class DataSection:
+    path: str = "demo_out/prepared"
+    split: str = "train"
+    batch_size: int = 8  # per worker micro-batch
+    grad_accum: int = 1
+    prefetch_batches: int = 2
+    shuffle_buffer: int = 64  # local shuffle buffer (rows) on top of the per-epoch file shuffle
+    holdout_split: str = "test"  # where the fixed sample-grid conditions come from
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 100
+    optimizer: str = "adamw8bit"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    schedule: str = "cosine"  # cosine | constant (both after the linear warm-up)
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.5
+    zero_stage: int = 2
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class EMASection:
+    enabled: bool = True
+    decay: float = 0.9999
+    warmup: bool = True
+
+
+@dataclass
+class LoggingSection:
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    sample_steps: int = 20
+    n_samples: int = 4
+    guidance: float | None = None  # None: the architecture's default
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 50
+    keep: int = 3
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+
+
+@dataclass
+class FaultSection:
+    """Test hook: rank ``kill_rank`` exits hard once at ``kill_at_step`` (recorded in the run folder)."""
+
+    kill_rank: int | None = None
+    kill_at_step: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    ema: EMASection = field(default_factory=EMASection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    fault: FaultSection = field(default_factory=FaultSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 1e-4, ...}``: MLflow params."""
+        return {
+            f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()
+        }
+
+    def validate(self) -> TrainConfig:
+        problems = []
+        m, t, d = self.model, self.train, self.data
+        if m.arch not in ARCHITECTURES:
+            problems.append(f"model.arch={m.arch!r}: choose from {', '.join(ARCHITECTURES)}")
+        elif m.objective not in OBJECTIVES[m.arch]:
+            problems.append(f"model.objective={m.objective!r}: {m.arch} supports {', '.join(OBJECTIVES[m.arch])}")
+        if m.mode not in ("lora", "full"):
+            problems.append(f"model.mode={m.mode!r}: lora or full")
+        if t.optimizer not in OPTIMIZERS:
+            problems.append(f"train.optimizer={t.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
+        if t.zero_stage not in (0, 1, 2, 3):
+            problems.append(f"train.zero_stage={t.zero_stage}: 0, 1, 2 or 3")
+        if t.precision not in ("auto", "bf16", "fp32"):
+            problems.append(f"train.precision={t.precision!r}: auto, bf16 or fp32")
+        if t.schedule not in ("cosine", "constant"):
+            problems.append(f"train.schedule={t.schedule!r}: cosine or constant")
+        for name, value in (
+            ("train.max_steps", t.max_steps),
+            ("data.batch_size", d.batch_size),
+            ("data.grad_accum", d.grad_accum),
+            ("scaling.num_workers", self.scaling.num_workers),
+            ("checkpoint.every", self.checkpoint.every),
+            ("checkpoint.keep", self.checkpoint.keep),
+            ("logging.log_every", self.logging.log_every),
+        ):
+            if value < 1:
+                problems.append(f"{name}={value}: must be >= 1")
+        if t.lr <= 0:
+            problems.append(f"train.lr={t.lr}: must be > 0")
+        if not 0 < self.ema.decay < 1:
+            problems.append(f"ema.decay={self.ema.decay}: must be in (0, 1)")
+        if problems:
+            raise ValueError("invalid training config:\n  " + "\n  ".join(problems))
+        return self
+
+    @property
+    def precision(self) -> str:
+        if self.train.precision != "auto":
+            return self.train.precision
+        return "bf16" if self.scaling.use_gpu else "fp32"
+
+
+ALIASES = {
+    "data": "data.path",
+    "batch": "data.batch_size",
+    "batch_size": "data.batch_size",
+    "grad_accum": "data.grad_accum",
+    "max_steps": "train.max_steps",
+    "steps": "train.max_steps",
+    "lr": "train.lr",
+    "zero_stage": "train.zero_stage",
+    "optimizer": "train.optimizer",
+    "precision": "train.precision",
+    "name": "run.name",
+    "storage": "run.storage",
+    "seed": "run.seed",
+    "experiment": "run.experiment",
+    "preset": "model.preset",
+    "objective": "model.objective",
+    "mode": "model.mode",
+    "init_from": "model.init_from",
+    "base_from": "model.base_from",
+    "workers": "scaling.num_workers",
+    "num_workers": "scaling.num_workers",
+    "gpu": "scaling.use_gpu",
+    "ckpt_every": "checkpoint.every",
+    "keep": "checkpoint.keep",
+    "log_every": "logging.log_every",
+    "sample_every": "logging.sample_every",
+    "ema": "ema.enabled",
+}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """YAML/CLI value -> the dataclass field's type (a wrong type is an error naming the key)."""
+    if value is None:
+        return None
+    text = str(hint)
+    try:
+        if hint is bool or text == "bool":
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return lowered in ("true", "1", "yes", "on")
+            return bool(value)
+        if hint is int or text.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float or text.startswith("float"):
+            return float(value)
+        if text.startswith("tuple"):
+            items = yaml.safe_load(value) if isinstance(value, str) else value
+            return tuple(float(v) for v in items)
+        if hint is dict or text.startswith("dict"):
+            return dict(yaml.safe_load(value) if isinstance(value, str) else value)
+        if text.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}={value!r}: expected {text}") from None
+    return value
+
+
+def _apply(config: TrainConfig, key: str, value: Any, source: str) -> None:
+    section_name, _, field_name = key.partition(".")
+    section = getattr(config, section_name, None)
+    if section is None or not field_name or not dataclasses.is_dataclass(section):
+        sections = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+        raise ValueError(f"{source}: unknown key {key!r} (sections: {sections}; aliases: {', '.join(ALIASES)})")
+    if field_name.startswith("options."):
+        section.options[field_name.split(".", 1)[1]] = yaml.safe_load(value) if isinstance(value, str) else value
+        return
+    hints = get_type_hints(type(section))
+    if field_name not in hints:
+        known = ", ".join(f"{section_name}.{name}" for name in hints)
+        raise ValueError(f"{source}: unknown key {key!r}; {section_name} has {known}")
+    setattr(section, field_name, _coerce(value, hints[field_name], key))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    config = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file (see configs/ for the shipped ones)")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of sections (run, model, data, train, ...)")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                _apply(config, f"{section}.{key}", value, str(path))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected key=value (e.g. max_steps=20)")
+        key = ALIASES.get(key.strip(), key.strip())
+        _apply(config, key, yaml.safe_load(value) if value.strip() else "", "override")
+    return config.validate()
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    config = TrainConfig()
+    for section, items in values.items():
+        for key, value in items.items():
+            _apply(config, f"{section}.{key}", value, "config dict")
+    return config.validate()
+
+
+def dump_config(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, default=list)

@@ -1,0 +1,416 @@
+"""``train_loop_per_worker``: ordinary PyTorch + DeepSpeed with three Ray calls at the edges.
+
+Per worker: build the model (same seed on every rank), wrap it in a DeepSpeed engine (ZeRO stage 0-3,
+bitsandbytes AdamW8bit as the client optimizer, cosine schedule with warm-up, clipping), keep an fp32 EMA
+of the trainable weights outside DeepSpeed, and stream batches from this worker's Ray Data shard.
+
+Checkpoints: every ``checkpoint.every`` steps each rank saves its DeepSpeed state into its own folder, all
+ranks meet at a barrier, then ``ray.train.report`` merges the folders into one checkpoint. Rank 0 adds the
+EMA + trainable weights (safetensors + config.json, ready to serve) and ``trainer_state.json``.
+
+MLflow: rank 0 buffers metrics and writes them only after the checkpoint that covers them is persisted.
+A crash therefore loses exactly the steps that will be re-run from that checkpoint, and MLflow ends with
+each logged step once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.train.config import TrainConfig, config_from_dict
+from pipelines.train.tasks import NullText, Task, make_task
+
+STATE_FILE = "trainer_state.json"
+WEIGHTS_DIR = "weights"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+
+
+def lr_lambda(config: TrainConfig):
+    t = config.train
+    warmup = max(t.warmup_steps, 0)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, t.max_steps - warmup))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]):
+    t = config.train
+    if t.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+    if t.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    return None  # deepspeed_adamw: DeepSpeed builds it from the config
+
+
+def deepspeed_config(config: TrainConfig) -> dict:
+    t = config.train
+    ds = {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": config.data.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        # bitsandbytes and Prodigy are client optimizers DeepSpeed has not certified for ZeRO
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": config.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.zero_stage == 3:
+        # small tiny-model tensors stay replicated, which avoids gathering hundreds of tiny params per step
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 1e4
+    if t.optimizer == "deepspeed_adamw":
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay},
+        }
+        if not config.scaling.use_gpu:
+            ds["optimizer"]["params"]["torch_adam"] = True  # fused CUDA Adam does not exist on CPU
+    return ds
+
+
+def gathered(params: list[torch.nn.Parameter], zero_stage: int):
+    """Full tensors on every rank for the duration of the block (only ZeRO-3 partitions parameters)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return nullcontext()
+
+
+class MetricBuffer:
+    """Rank 0's metrics, held until the checkpoint that covers them is durable."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
+        self.rows: list[tuple[str, float, int]] = []
+        self.client = None
+        self.run_id = run_id
+        if tracking_uri and run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.extend((k, float(v), step) for k, v in metrics.items())
+
+    def flush(self) -> None:
+        if not self.client or not self.rows:
+            self.rows = []
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, step) for key, value, step in self.rows]
+        for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 900])
+        self.rows = []
+
+    def log_artifact(self, path: str, artifact_path: str) -> None:
+        if self.client:
+            self.client.log_artifact(self.run_id, path, artifact_path)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    config = config_from_dict(loop_config["config"])
+    manifest = loop_config["manifest"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    task = make_task(config, manifest)
+    null = NullText.load(config.data.path).as_batch(device, dtype)
+
+    torch.manual_seed(config.run.seed)  # identical initial weights on every rank
+    model = task.build_model("cpu")
+    if config.model.init_from:
+        load_initial_weights(model, config.model.init_from)
+    model.to(device)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = make_optimizer(config, params)
+    scheduler_fn = lr_lambda(config)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=params if optimizer is None else None,
+        lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, scheduler_fn)),
+        config=deepspeed_config(config),
+        dist_init_required=False,
+    )
+    ema = None
+    if config.ema.enabled:
+        from modeling.ema import EMA
+
+        with gathered(params, config.train.zero_stage):
+            ema = EMA([n for n, _ in named], params, decay=config.ema.decay, warmup=config.ema.warmup)
+
+    step, epoch = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            step, epoch = restore(engine, ema, Path(directory))
+        if rank == 0:
+            print(f"[faceforge] resumed from step {step} (epoch {epoch})", flush=True)
+
+    metrics = MetricBuffer(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
+    global_batch = config.data.batch_size * config.data.grad_accum * world
+    shard = ray.train.get_dataset_shard("train")
+    bar = _progress(config, step) if rank == 0 else None
+    window = {"loss": torch.zeros((), device=device), "n": 0, "wait": 0.0, "t0": time.perf_counter()}
+    holdout = None
+
+    while step < config.train.max_steps:
+        rng = np.random.default_rng([config.run.seed, rank, epoch])
+        batches = shard.iter_torch_batches(
+            batch_size=config.data.batch_size,
+            collate_fn=lambda rows, rng=rng: task.collate(rows, rng),
+            prefetch_batches=config.data.prefetch_batches,
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=config.run.seed + epoch if config.data.shuffle_buffer else None,
+            drop_last=True,
+        )
+        iterator = iter(batches)
+        got_batch = False
+        while step < config.train.max_steps:
+            waited = time.perf_counter()
+            batch = next(iterator, None)
+            window["wait"] += time.perf_counter() - waited
+            if batch is None:
+                break
+            got_batch = True
+            batch = {k: _to(v, device, dtype) for k, v in batch.items()} | null
+            generator = torch.Generator(device).manual_seed(hash((config.run.seed, rank, step, epoch)) % 2**63)
+            loss = task.loss(engine, batch, generator)
+            engine.backward(loss)
+            window["loss"] += loss.detach().float()
+            window["n"] += 1
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            if not boundary:
+                continue
+            step += 1
+            if ema is not None:
+                with gathered(params, config.train.zero_stage):
+                    ema.update(params)
+            _maybe_inject_fault(config, loop_config, rank, step)
+            if bar is not None:
+                bar.update(1)
+            if step % config.logging.log_every == 0 or step == config.train.max_steps:
+                elapsed = time.perf_counter() - window["t0"]
+                stats = {
+                    "train/loss": float(window["loss"]) / max(1, window["n"]),
+                    "train/lr": float(scheduler.get_last_lr()[0]),
+                    "train/grad_norm": _grad_norm(engine),
+                    "train/samples_per_s": global_batch * (window["n"] / config.data.grad_accum) / elapsed,
+                    "train/data_wait_frac": window["wait"] / elapsed,
+                    "train/epoch": epoch,
+                }
+                if device.type == "cuda":
+                    stats["sys/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    if loop_config.get("flops_per_sample"):
+                        peak = loop_config.get("peak_flops", 989e12)
+                        stats["train/mfu"] = (
+                            stats["train/samples_per_s"] / world * loop_config["flops_per_sample"] / peak
+                        )
+                if metrics is not None:
+                    metrics.add(step, stats)
+                    bar.set_description(f"train {config.run.name} loss {stats['train/loss']:.4f}")
+                window = {"loss": torch.zeros((), device=device), "n": 0, "wait": 0.0, "t0": time.perf_counter()}
+            sample_every = config.logging.sample_every
+            if (
+                rank == 0
+                and ema is not None
+                and ((sample_every and step % sample_every == 0) or step == config.train.max_steps)
+            ):
+                holdout = holdout or load_holdout(task, config)
+                log_sample_grid(task, config, ema, holdout, null, step, metrics, device)
+            if step % config.checkpoint.every == 0 or step == config.train.max_steps:
+                save_and_report(
+                    engine, ema, task, params, config, step, epoch, rank, metrics, stats_for_report(metrics)
+                )
+        if not got_batch:
+            raise RuntimeError(
+                f"worker {rank} got no batch of {config.data.batch_size} rows from {config.data.path}; "
+                "lower data.batch_size or scaling.num_workers, or prepare more data"
+            )
+        epoch += 1
+    if bar is not None:
+        bar.close()
+
+
+def stats_for_report(metrics: MetricBuffer | None) -> dict:
+    if metrics is None or not metrics.rows:
+        return {}
+    latest = {}
+    for key, value, step in metrics.rows:
+        latest[key] = value
+        latest["step"] = step
+    return latest
+
+
+def _to(value, device, dtype):
+    if isinstance(value, torch.Tensor):
+        value = value.to(device, non_blocking=True)
+        return value.to(dtype) if value.is_floating_point() else value
+    return value
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def _progress(config: TrainConfig, start: int):
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=config.train.max_steps, desc=f"train {config.run.name}", unit="step")
+    if start:
+        bar.update(start)
+    return bar
+
+
+def _maybe_inject_fault(config: TrainConfig, loop_config: dict, rank: int, step: int) -> None:
+    fault = config.fault
+    if fault.kill_rank != rank or fault.kill_at_step != step:
+        return
+    marker = Path(loop_config["run_dir"]) / ".fault_injected"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"rank {rank} killed at step {step}\n")
+    print(f"[faceforge] fault injection: rank {rank} exits at step {step}", flush=True)
+    os._exit(1)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_and_report(engine, ema, task: Task, params, config, step, epoch, rank, metrics, report_metrics) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory(prefix="faceforge-ckpt-") as tmp:
+        directory = Path(tmp)
+        engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        with gathered(params, config.train.zero_stage):
+            if rank == 0:
+                trainable = {
+                    n: p.detach().float().cpu() for n, p in engine.module.named_parameters() if p.requires_grad
+                }
+                save_serving_weights(directory / WEIGHTS_DIR, task, engine.module, trainable, ema)
+        if rank == 0:
+            state = {"step": step, "epoch": epoch + 1, "ema_updates": ema.num_updates if ema else 0}
+            (directory / STATE_FILE).write_text(json.dumps(state))
+        dist.barrier()
+        ray.train.report({**report_metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if metrics is not None:
+        metrics.flush()
+
+
+def save_serving_weights(directory: Path, task: Task, model, trainable: dict, ema) -> None:
+    from modeling.weights import save_weights
+
+    ema_state = {k: v.cpu() for k, v in ema.shadow_state_dict().items()} if ema else None
+    save_weights(directory, trainable, task.weights_config(model), ema_state)
+
+
+def restore(engine, ema, directory: Path) -> tuple[int, int]:
+    from safetensors.torch import load_file
+
+    state = json.loads((directory / STATE_FILE).read_text())
+    load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory / DEEPSPEED_DIR}")
+    if ema is not None:
+        from modeling.weights import EMA_FILE
+
+        shadow = load_file(str(directory / WEIGHTS_DIR / EMA_FILE))
+        ema.load_state_dict(
+            {"decay": ema.decay, "warmup": ema.warmup, "num_updates": state["ema_updates"], "shadow": shadow}
+        )
+    return int(state["step"]), int(state["epoch"])
+
+
+def load_initial_weights(model, directory: str) -> None:
+    """Initialise from another run's serving weights (EMA when present): 512 from 256, MoGLE base, ..."""
+    from modeling.weights import EMA_FILE, load_into, load_weights
+
+    path = Path(directory)
+    weights = path / WEIGHTS_DIR if (path / WEIGHTS_DIR).is_dir() else path
+    state, _ = load_weights(weights, ema=(weights / EMA_FILE).is_file())
+    load_into(model, state)
+
+
+# ------------------------------------------------------------------------------------------- sample grids
+
+
+def load_holdout(task: Task, config: TrainConfig) -> dict:
+    """Fixed conditions from the held-out split (falls back to the training split when there is none)."""
+    import pyarrow.parquet as pq
+
+    manifest = task.manifest
+    n = config.logging.n_samples
+    for split in (config.data.holdout_split, config.data.split):
+        files = [s["file"] for s in manifest["shards"] if s["split"] == split]
+        if files:
+            table = pq.read_table(Path(config.data.path) / "shards" / files[0], columns=task.columns)
+            return table.slice(0, n).to_pydict()
+    raise FileNotFoundError(f"{config.data.path}: no shards to draw sample conditions from")
+
+
+@torch.no_grad()
+def log_sample_grid(task: Task, config, ema, rows: dict, null: dict, step: int, metrics, device) -> None:
+    """Samples from the EMA weights on fixed conditions and seeds: condition | sample | ground truth."""
+    from PIL import Image
+
+    from modeling.codecs import load_codec
+
+    model = task.build_model("cpu")
+    ema.copy_to(model)
+    model.to(device).eval()
+    conditions = task.collate(rows, np.random.default_rng(0), fixed=True)
+    conditions = {k: _to(v, device, torch.float32) for k, v in conditions.items()} | {
+        k: v.float() if v.is_floating_point() else v for k, v in null.items()
+    }
+    truth = conditions.pop("latent")
+    seeds = list(range(truth.shape[0]))
+    latents = task.sample(model, conditions, seeds, config.logging.sample_steps)
+    codec = load_codec(task.manifest["codec"].get("path") or task.manifest["codec"]["name"], device)
+    to_pixels = lambda x: ((codec.decode(x.float()) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)  # noqa: E731
+    generated, real = to_pixels(latents).cpu().numpy(), to_pixels(truth).cpu().numpy()
+    cond_images = task.condition_images(rows)
+    grid = np.concatenate([np.concatenate([c, g, r], axis=1) for c, g, r in zip(cond_images, generated, real)], axis=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"samples_step{step:07d}.png"
+        Image.fromarray(grid).save(path)
+        if metrics is not None:
+            metrics.log_artifact(str(path), "samples")
+    del model

@@ -1,0 +1,178 @@
+"""``faceforge train CONFIG [key=value ...]``: the driver that builds the ``TorchTrainer``.
+
+The driver validates the config against the prepared dataset, opens (or re-opens) the MLflow run, reads
+the shards with Ray Data and starts the workers. Re-running with the same ``run.name`` and
+``run.storage`` resumes from the last checkpoint (Ray Train V2) and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipelines.train.config import TrainConfig, dump_config, load_config
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+RUN_TAG = "faceforge.run_name"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store (made absolute for the workers)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///") :]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
+    return uri
+
+
+def experiment_name(config: TrainConfig, manifest: dict) -> str:
+    if config.run.experiment:
+        return config.run.experiment
+    dataset = Path(manifest.get("root", config.data.path)).name or "dataset"
+    return f"{dataset}/{config.model.arch}"
+
+
+def open_mlflow_run(config: TrainConfig, manifest: dict, run_dir: Path) -> tuple[str, str, bool]:
+    """The run's MLflow id: found by name tag + storage folder, or created with params and artifacts."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    client = MlflowClient(uri)
+    name = experiment_name(config, manifest)
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_TAG}` = '{config.run.name}' and tags.`faceforge.run_dir` = '{run_dir}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return uri, run_id, True
+    run = client.create_run(
+        experiment_id,
+        run_name=config.run.name,
+        tags={RUN_TAG: config.run.name, "faceforge.run_dir": str(run_dir), "faceforge.arch": config.model.arch},
+    )
+    run_id = run.info.run_id
+    params = {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v for k, v in config.flat().items()}
+    counts = manifest["counts"]
+    params.update(
+        {
+            "dataset.layout": manifest["layout"],
+            "dataset.root": manifest["root"],
+            "dataset.size": manifest["size"],
+            "dataset.codec": manifest["codec"]["name"],
+            "dataset.text_encoder": manifest["text_encoder"]["name"],
+            "dataset.n_written": counts["n_written"],
+            "dataset.n_rejected": counts["n_rejected"],
+            "dataset.n_train": counts["splits"].get(config.data.split, {}).get("n_written", 0),
+        }
+    )
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 90):
+        client.log_batch(run_id, params=items[start : start + 90])
+    client.log_text(run_id, dump_config(config), "config.json")
+    client.log_text(run_id, json.dumps(manifest, indent=2), "dataset_manifest.json")
+    del mlflow
+    return uri, run_id, False
+
+
+def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
+    import ray
+    from ray.data import FileShuffleConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.train.loop import train_loop_per_worker
+    from pipelines.train.tasks import make_task
+
+    task = make_task(config, manifest)
+    files = [
+        str(Path(config.data.path).resolve() / "shards" / s["file"])
+        for s in manifest["shards"]
+        if s["split"] == config.data.split
+    ]
+    if not files:
+        raise ValueError(f"{config.data.path}: no '{config.data.split}' shards in the manifest (data.split)")
+    dataset = ray.data.read_parquet(files, columns=task.columns, shuffle=FileShuffleConfig(seed=config.run.seed))
+    s = config.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "manifest": manifest, **loop_extra},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=str(Path(config.run.storage).resolve())
+            if "://" not in config.run.storage
+            else config.run.storage,
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+        ),
+        datasets={"train": dataset},
+    )
+
+
+def leave_cpu_headroom(config: TrainConfig) -> None:
+    """Ray Data needs CPUs while the workers train; with too few it starves and the run hangs."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1)
+    wanted = config.scaling.num_workers * config.scaling.cpus_per_worker
+    if wanted > total - 1:
+        shrunk = max(0.1, (total - 1) / config.scaling.num_workers)
+        print(
+            f"[faceforge] {config.scaling.num_workers} workers x {config.scaling.cpus_per_worker} CPU would leave "
+            f"Ray Data no CPU of {total:g}; using {shrunk:.2f} CPU per worker (scaling.cpus_per_worker)",
+            file=sys.stderr,
+        )
+        config.scaling.cpus_per_worker = shrunk
+
+
+def train(config: TrainConfig) -> dict:
+    """Runs (or resumes) training; returns a summary with the final checkpoint path and MLflow run id."""
+    from mlflow import MlflowClient
+
+    from pipelines.data.prepare import load_manifest
+    from pipelines.ray_runtime import ensure_ray
+
+    manifest = load_manifest(config.data.path)
+    config.data.path = str(Path(config.data.path).resolve())
+    for key in ("init_from", "base_from"):
+        value = getattr(config.model, key)
+        if value:
+            if not Path(value).exists():
+                raise FileNotFoundError(f"model.{key}={value}: no such checkpoint folder")
+            setattr(config.model, key, str(Path(value).resolve()))
+    run_dir = Path(config.run.storage).resolve() / config.run.name
+    ensure_ray()
+    leave_cpu_headroom(config)
+    uri, run_id, resumed = open_mlflow_run(config, manifest, run_dir)
+    print(f"[faceforge] MLflow run {run_id} ({'continued' if resumed else 'new'}) at {uri}", flush=True)
+    trainer = build_trainer(config, manifest, {"tracking_uri": uri, "run_id": run_id, "run_dir": str(run_dir)})
+    client = MlflowClient(uri)
+    try:
+        result = trainer.fit()
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return {"run": config.run.name, "mlflow_run_id": run_id, "checkpoint": checkpoint, "metrics": result.metrics}
+
+
+def train_from_cli(config_path: str, overrides: list[str]) -> int:
+    config = load_config(config_path, overrides)
+    summary = train(config)
+    print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=2))
+    return 0
