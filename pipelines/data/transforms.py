@@ -72,7 +72,7 @@ class SketchExtractor:
         if self.path:
             return self._learned(image)
         grey = Image.fromarray(image).convert("L")
-        scale = max(image.shape[0] / 256.0, 0.25)
+        scale = max(image.shape[0] / 256.0, 1.0)  # line width grows with resolution, never below ~1 px
         fine = np.asarray(grey.filter(ImageFilter.GaussianBlur(self.sigma * scale)), dtype=np.float32)
         coarse = np.asarray(grey.filter(ImageFilter.GaussianBlur(1.6 * self.sigma * scale)), dtype=np.float32)
         dog = coarse - fine  # positive on the dark side of an edge: a single line per contour
