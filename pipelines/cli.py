@@ -33,7 +33,7 @@ class UserError(Exception):
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from pipelines.data.synth import synthesize
 
-    info = synthesize(Path(args.out), n=args.n, size=args.size, seed=args.seed)
+    info = synthesize(Path(args.out), n=args.n, size=args.size, seed=args.seed, overwrite=args.overwrite)
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n", type=int, default=256, help="number of faces (default 256)")
     synth.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     synth.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    synth.add_argument("--overwrite", action="store_true", help="replace a folder that holds other files")
     synth.set_defaults(func=cmd_data_synth)
 
     layouts = "celebamask-hq, mmcelebahq, mmface, folder"
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, NotADirectoryError, ValueError, KeyError) as error:
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"faceforge: error: {message}", file=sys.stderr)
         return 2
