@@ -102,7 +102,7 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
     ]
     if not files:
         raise ValueError(f"{config.data.path}: no '{config.data.split}' shards in the manifest (data.split)")
-    dataset = ray.data.read_parquet(files, columns=task.columns, shuffle=FileShuffleConfig(seed=config.run.seed))
+    dataset = ray.data.read_parquet(files, shuffle=FileShuffleConfig(seed=config.run.seed)).select_columns(task.columns)
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
