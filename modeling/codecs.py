@@ -38,7 +38,13 @@ class LatentCodec(nn.Module):
         return (self.latent_channels, size // self.downsample, size // self.downsample)
 
     def describe(self) -> dict:
-        return {"name": self.name, "latent_channels": self.latent_channels, "downsample": self.downsample}
+        """``spec`` is what ``load_codec`` takes to load this codec again."""
+        return {
+            "name": self.name,
+            "spec": getattr(self, "path", self.name),
+            "latent_channels": self.latent_channels,
+            "downsample": self.downsample,
+        }
 
 
 class PixelUnshuffleCodec(LatentCodec):
@@ -73,7 +79,7 @@ class VAECodec(LatentCodec):
         self.vae.requires_grad_(False).eval()
         config = self.vae.config
         self.name = f"vae:{path.name}"
-        self.path = str(path)
+        self.path = str(path.resolve())
         self.latent_channels = int(config.latent_channels)
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
         self.scale = float(config.scaling_factor)

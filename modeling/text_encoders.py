@@ -110,6 +110,7 @@ class CLIPTextEncoder(TextEncoder):
         self.model = CLIPTextModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
         self.model.to(self.device).eval()
         self.name = f"clip:{path.name}"
+        self.spec = str(path.resolve())
         self.seq_dim = self.pooled_dim = int(self.model.config.hidden_size)
         self.max_tokens = int(self.model.config.max_position_embeddings)
 
@@ -151,6 +152,7 @@ class FluxTextEncoder(TextEncoder):
         self.t5.to(self.device).eval()
         self.clip.to(self.device).eval()
         self.name = f"flux:{t5_path.name},{clip_path.name}"
+        self.spec = f"flux:{t5_path.resolve()},{clip_path.resolve()}"
         self.seq_dim = int(self.t5.config.d_model)
         self.pooled_dim = int(self.clip.config.hidden_size)
         self.max_tokens = max_tokens

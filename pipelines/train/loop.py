@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.train.checkpoints import STATE_FILE, WEIGHTS_DIR
 from pipelines.train.config import TrainConfig, config_from_dict
 from pipelines.train.tasks import NullText, Task, make_task
 
-STATE_FILE = "trainer_state.json"
-WEIGHTS_DIR = "weights"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 
@@ -403,7 +402,7 @@ def log_sample_grid(task: Task, config, ema, rows: dict, null: dict, step: int, 
     truth = conditions.pop("latent")
     seeds = list(range(truth.shape[0]))
     latents = task.sample(model, conditions, seeds, config.logging.sample_steps)
-    codec = load_codec(task.manifest["codec"].get("path") or task.manifest["codec"]["name"], device)
+    codec = load_codec(task.manifest["codec"].get("spec", task.manifest["codec"]["name"]), device)
     to_pixels = lambda x: ((codec.decode(x.float()) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)  # noqa: E731
     generated, real = to_pixels(latents).cpu().numpy(), to_pixels(truth).cpu().numpy()
     cond_images = task.condition_images(rows)

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipelines.train.checkpoints import resolve_checkpoint
 from pipelines.train.config import TrainConfig, dump_config, load_config
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -151,9 +152,12 @@ def train(config: TrainConfig) -> dict:
     for key in ("init_from", "base_from"):
         value = getattr(config.model, key)
         if value:
-            if not Path(value).exists():
-                raise FileNotFoundError(f"model.{key}={value}: no such checkpoint folder")
-            setattr(config.model, key, str(Path(value).resolve()))
+            setattr(config.model, key, str(resolve_checkpoint(value)))
+    if config.model.arch == "face-mogle" and config.model.mode == "lora" and not config.model.base_from:
+        raise ValueError(
+            "model.base_from is required for face-mogle in lora mode: a run folder or checkpoint of a full-mode "
+            "run (e.g. base_from=runs/flux-base-tiny) or a local diffusers FLUX folder"
+        )
     run_dir = Path(config.run.storage).resolve() / config.run.name
     ensure_ray()
     leave_cpu_headroom(config)

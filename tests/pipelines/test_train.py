@@ -111,3 +111,32 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(tmp_path / "missing.yaml")
     config = load_config(CONFIGS / "mmface_dit_tiny.yaml", ["data=/x", "max_steps=7", "gpu=false", "lr=2e-4"])
     assert (config.data.path, config.train.max_steps, config.scaling.use_gpu, config.train.lr) == ("/x", 7, False, 2e-4)
+
+
+def test_face_mogle_two_stages_through_the_same_entrypoint(prepared, tmp_path, mlflow_uri):
+    """Tiny FLUX base in full mode, then the paper's LoRA + MoGLE stage on top of it."""
+    runs = tmp_path / "runs"
+    common = [f"data={prepared}", f"storage={runs}", "log_every=1", "lr=2e-3", "train.warmup_steps=2"]
+    base = train(load_config(CONFIGS / "flux_base_tiny.yaml", [*common, "max_steps=24", "ckpt_every=24"]))
+    losses = [v for _, v in _history(mlflow_uri, base["mlflow_run_id"])]
+    assert len(losses) == 24 and sum(losses[-4:]) < 0.9 * sum(losses[:4])
+
+    lora = train(
+        load_config(
+            CONFIGS / "face_mogle_tiny.yaml",
+            [*common, "max_steps=6", "ckpt_every=6", f"base_from={runs / 'flux-base-tiny'}"],
+        )
+    )
+    assert _state(lora["checkpoint"])["step"] == 6
+
+    from modeling.weights import load_weights
+    from pipelines.train.mogle_task import build_face_mogle, load_trainable
+
+    state, config = load_weights(Path(lora["checkpoint"]) / WEIGHTS_DIR, ema=True)
+    assert config["arch"] == "face-mogle" and config["model"]["mode"] == "lora"
+    # only the condition LoRA and MoGLE are saved, never the frozen base
+    assert state and all(".lora_" in k or k.startswith("mogle.") for k in state)
+    from modeling.face_mogle import FaceMoGLEConfig
+
+    model = build_face_mogle(FaceMoGLEConfig.from_dict(config["model"]), config["base_from"])
+    load_trainable(model, state)  # strict: every trainable tensor present, nothing unexpected
