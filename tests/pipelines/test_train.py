@@ -76,6 +76,20 @@ def test_zero2_adamw8bit_trains_resumes_by_name_and_checkpoints_serve(prepared, 
     raw, _ = load_weights(Path(second["checkpoint"]) / WEIGHTS_DIR, ema=False)
     assert set(raw) == set(state) and any(not torch.equal(raw[k], state[k]) for k in state)
 
+    # publish: a registered pyfunc version that generates the same image for the same seed
+    import mlflow
+    import pandas as pd
+
+    from pipelines.train.publish import publish
+
+    published = publish("tiny", storage=str(tmp_path / "runs"))
+    assert published["registered_model"] == "faceforge-mmface-dit" and published["version"] == 1
+    mlflow.set_tracking_uri(mlflow_uri)
+    pyfunc = mlflow.pyfunc.load_model(published["model_uri"])
+    frame = pd.DataFrame({"prompt": ["a woman with red hair"] * 2, "seed": [7, 7], "steps": [4, 4]})
+    images = pyfunc.predict(frame)["image_png"]
+    assert len(images) == 2 and images[0] == images[1]
+
 
 def test_zero3_with_ema_completes(prepared, tmp_path, mlflow_uri):
     summary = train(_config(prepared, tmp_path, "max_steps=4", "ckpt_every=4", "zero_stage=3", name="z3"))
