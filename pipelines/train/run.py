@@ -176,7 +176,18 @@ def train(config: TrainConfig) -> dict:
 
 
 def train_from_cli(config_path: str, overrides: list[str]) -> int:
+    from ray.train import TrainingFailedError
+
     config = load_config(config_path, overrides)
-    summary = train(config)
+    try:
+        summary = train(config)
+    except TrainingFailedError as error:
+        # the workers' tracebacks were already streamed above; end with what failed and how to continue
+        print(
+            f"faceforge: training failed after {config.scaling.max_failures} restart(s): {error}\n"
+            f"Fix the cause and re-run the same command: run {config.run.name!r} resumes from its last checkpoint.",
+            file=sys.stderr,
+        )
+        return 1
     print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=2))
     return 0
