@@ -247,7 +247,7 @@ class ShardEncoder:
                 emb.pooled[offset : offset + k],
             )
             offset += k
-            tokens = max(int(mask.sum(1).max()), 1) if not bool(mask.all()) else mask.shape[1]
+            tokens = max(int(mask.sum(1).max()), 1)  # the row's longest caption (all 77 for CLIP)
             row = {
                 "id": record["id"],
                 "split": record["split"],
@@ -379,11 +379,10 @@ def prepare(options: PrepareOptions, progress: bool = True) -> dict:
             bar.update(1)
         bar.close()
 
-    manifest = build_manifest(options, plans, codec_info, text_info, latent_shape, text_dims, reader)
-    return manifest
+    return build_manifest(options, plans, codec_info, text_info, latent_shape, text_dims)
 
 
-def build_manifest(options, plans, codec_info, text_info, latent_shape, text_dims, reader) -> dict:
+def build_manifest(options, plans, codec_info, text_info, latent_shape, text_dims) -> dict:
     out = Path(options.out)
     done_dir = out / "shards" / DONE_DIR
     splits: dict[str, dict] = {}
@@ -427,7 +426,6 @@ def build_manifest(options, plans, codec_info, text_info, latent_shape, text_dim
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, out / "manifest.json")
-    del reader
     return manifest
 
 
