@@ -30,15 +30,6 @@ from modeling.flux_branch import lora_parameters
 B, C, H, W, T = 2, 48, 4, 4, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # toy-sized ops: on a busy 2-core box a second OpenMP thread costs far more in barriers than it saves
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _config(mode: str = "full", **overrides) -> FaceMoGLEConfig:
     return dataclasses.replace(PRESETS["face-mogle-tiny"], mode=mode, **overrides)
 

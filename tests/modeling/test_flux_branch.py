@@ -15,15 +15,6 @@ B, SIDE, T, IN = 2, 4, 5, 16
 N = SIDE * SIDE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # toy-sized ops: on a busy 2-core box a second OpenMP thread costs far more in barriers than it saves
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _flux(guidance_embeds: bool = False) -> FluxTransformer2DModel:
     torch.manual_seed(0)
     return FluxTransformer2DModel(

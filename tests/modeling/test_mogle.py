@@ -10,15 +10,6 @@ from modeling.mogle import NUM_EXPERTS, ExpertBank, MoGLE, MoGLEConfig
 B, L, D = 2, 6, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # toy-sized ops: on a busy 2-core box a second OpenMP thread costs far more in barriers than it saves
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
