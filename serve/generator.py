@@ -16,6 +16,7 @@ import torch
 
 from pipelines.data.layouts import labels_to_color
 from pipelines.data.transforms import decouple_mask, resize_image, resize_labels
+from pipelines.train.checkpoints import weights_dir as serving_weights
 
 
 @dataclass
@@ -32,9 +33,7 @@ class FaceGenerator:
         from modeling.text_encoders import load_text_encoder
         from modeling.weights import EMA_FILE, load_weights
 
-        weights_dir = Path(weights_dir)
-        if (weights_dir / "weights").is_dir():
-            weights_dir = weights_dir / "weights"
+        weights_dir = serving_weights(weights_dir)
         self.device = torch.device(device)
         state, self.config = load_weights(weights_dir, ema=(weights_dir / EMA_FILE).is_file())
         self.arch = self.config["arch"]
@@ -121,8 +120,5 @@ class FaceGenerator:
         return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
 
 
-def read_weights_config(weights_dir: str | Path) -> dict:
-    weights_dir = Path(weights_dir)
-    if (weights_dir / "weights").is_dir():
-        weights_dir = weights_dir / "weights"
-    return json.loads((weights_dir / "config.json").read_text())
+def read_weights_config(path: str | Path) -> dict:
+    return json.loads((serving_weights(path) / "config.json").read_text())

@@ -26,3 +26,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / WEIGHTS_DIR).is_dir() or (path / "config.json").is_file() or not any(path.glob("checkpoint_*")):
         return path
     return latest_checkpoint(path)
+
+
+def weights_dir(path: str | Path) -> Path:
+    """The serving weights of a checkpoint folder (its ``weights/``), or a weights folder itself."""
+    path = Path(path)
+    return path / WEIGHTS_DIR if (path / WEIGHTS_DIR).is_dir() else path

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.train.checkpoints import STATE_FILE, WEIGHTS_DIR
+from pipelines.train.checkpoints import STATE_FILE, WEIGHTS_DIR, weights_dir
 from pipelines.train.config import TrainConfig, config_from_dict
 from pipelines.train.tasks import NullText, Task, make_task
 
@@ -362,8 +362,7 @@ def load_initial_weights(model, directory: str) -> None:
     """Initialise from another run's serving weights (EMA when present): 512 from 256, MoGLE base, ..."""
     from modeling.weights import EMA_FILE, load_into, load_weights
 
-    path = Path(directory)
-    weights = path / WEIGHTS_DIR if (path / WEIGHTS_DIR).is_dir() else path
+    weights = weights_dir(directory)
     state, _ = load_weights(weights, ema=(weights / EMA_FILE).is_file())
     load_into(model, state)
 

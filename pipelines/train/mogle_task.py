@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.train.checkpoints import weights_dir
 from pipelines.train.tasks import COMMON_COLUMNS, Task, _stack_latents, collate_common
 
 
@@ -73,7 +74,7 @@ def build_face_mogle(cfg, base_from: str | None, device: torch.device | str = "c
         with torch.device(device):
             return FaceMoGLE(cfg)
     base = Path(base_from)
-    weights = base / "weights" if (base / "weights").is_dir() else base
+    weights = weights_dir(base)
     if (weights / "config.json").is_file() and json.loads((weights / "config.json").read_text()).get("arch"):
         # a faceforge checkpoint of a full-mode run: its EMA holds the whole transformer and a trained MoGLE
         from modeling.weights import load_weights

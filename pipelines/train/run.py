@@ -38,7 +38,6 @@ def experiment_name(config: TrainConfig, manifest: dict) -> str:
 
 def open_mlflow_run(config: TrainConfig, manifest: dict, run_dir: Path) -> tuple[str, str, bool]:
     """The run's MLflow id: found by name tag + storage folder, or created with params and artifacts."""
-    import mlflow
     from mlflow import MlflowClient
 
     uri = tracking_uri()
@@ -82,7 +81,6 @@ def open_mlflow_run(config: TrainConfig, manifest: dict, run_dir: Path) -> tuple
         client.log_batch(run_id, params=items[start : start + 90])
     client.log_text(run_id, dump_config(config), "config.json")
     client.log_text(run_id, json.dumps(manifest, indent=2), "dataset_manifest.json")
-    del mlflow
     return uri, run_id, False
 
 
