@@ -70,7 +70,8 @@ def main() -> None:
         "mogle_flux_vae_256_t5_xxl": paper_row_bytes(256, ("mogle",), "t5"),
     }
     for name, parts in paper.items():
-        print(f"{name:30s} {parts['total'] / 2**20:8.2f} MiB/row  x 30,000 rows = {parts['total'] * 3e4 / 2**30:7.1f} GiB")
+        mib, gib = parts["total"] / 2**20, parts["total"] * 3e4 / 2**30
+        print(f"{name:30s} {mib:8.2f} MiB/row  x 30,000 rows = {gib:7.1f} GiB")
     result = {
         "bench": "prepare",
         "images": written,

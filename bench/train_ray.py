@@ -33,7 +33,8 @@ def bare_loop(config, manifest: dict, batch: int, steps: int, device: str) -> fl
     task = make_task(config, manifest)
     shard = Path(config.data.path) / "shards" / next(s["file"] for s in manifest["shards"] if s["split"] == "train")
     rows = pq.read_table(shard, columns=task.columns).slice(0, batch).to_pydict()
-    data = task.collate(rows, np.random.default_rng(0)) | NullText.load(config.data.path).as_batch(device, torch.float32)
+    null = NullText.load(config.data.path).as_batch(device, torch.float32)
+    data = task.collate(rows, np.random.default_rng(0)) | null
     data = {k: v.to(device) for k, v in data.items()}
     torch.manual_seed(0)
     model = task.build_model(device)
