@@ -25,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines.train.checkpoints import STATE_FILE, WEIGHTS_DIR, weights_dir
 from pipelines.train.config import TrainConfig, config_from_dict
 from pipelines.train.tasks import NullText, Task, make_task
 
 DEEPSPEED_DIR = "deepspeed"
+PEAK_FLOPS = 989e12  # H100 SXM bf16 dense: what MFU is reported against
 DEEPSPEED_TAG = "state"
 
 
@@ -183,6 +185,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     bar = _progress(config, step) if rank == 0 else None
     window = {"loss": torch.zeros((), device=device), "n": 0, "wait": 0.0, "t0": time.perf_counter()}
     holdout = None
+    flops_per_sample = None if rank == 0 and device.type == "cuda" else 0.0
 
     while step < config.train.max_steps:
         rng = np.random.default_rng([config.run.seed, rank, epoch])
@@ -205,8 +208,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             got_batch = True
             batch = {k: _to(v, device, dtype) for k, v in batch.items()} | null
             generator = torch.Generator(device).manual_seed(hash((config.run.seed, rank, step, epoch)) % 2**63)
-            loss = task.loss(engine, batch, generator)
-            engine.backward(loss)
+            # MFU needs the model FLOPs of a step: rank 0 counts its first forward + backward on GPU
+            counter = FlopCounterMode(display=False) if flops_per_sample is None else nullcontext()
+            with counter:
+                loss = task.loss(engine, batch, generator)
+                engine.backward(loss)
+            if flops_per_sample is None:
+                flops_per_sample = counter.get_total_flops() / config.data.batch_size
             window["loss"] += loss.detach().float()
             window["n"] += 1
             boundary = engine.is_gradient_accumulation_boundary()
@@ -232,11 +240,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 }
                 if device.type == "cuda":
                     stats["sys/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    if loop_config.get("flops_per_sample"):
-                        peak = loop_config.get("peak_flops", 989e12)
-                        stats["train/mfu"] = (
-                            stats["train/samples_per_s"] / world * loop_config["flops_per_sample"] / peak
-                        )
+                    if flops_per_sample:
+                        per_gpu = stats["train/samples_per_s"] / world
+                        stats["train/mfu"] = per_gpu * flops_per_sample / loop_config.get("peak_flops", PEAK_FLOPS)
                 if metrics is not None:
                     metrics.add(step, stats)
                     bar.set_description(f"train {config.run.name} loss {stats['train/loss']:.4f}")
