@@ -318,10 +318,15 @@ def field_schema(options: PrepareOptions, latent_shape: tuple[int, ...], text_di
     return fields
 
 
+def decode_tensor(buffer: bytes, dtype: str, shape) -> np.ndarray:
+    """Raw little-endian bytes as stored in a shard -> a (read-only, zero-copy) numpy array."""
+    return np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+
+
 def decode_field(row: dict, name: str, spec: dict) -> np.ndarray:
     """One stored tensor of one row as a numpy array (shape names resolved from the row)."""
     shape = [row[s] if isinstance(s, str) else s for s in spec["shape"]]
-    return np.frombuffer(row[name], dtype=np.dtype(spec["dtype"]).newbyteorder("<")).reshape(shape)
+    return decode_tensor(row[name], spec["dtype"], shape)
 
 
 def _describe_components(options: PrepareOptions) -> tuple[dict, dict, tuple[int, ...], tuple[int, int]]:

@@ -8,6 +8,7 @@ names the base: a faceforge checkpoint of a ``full`` run, or a local diffusers F
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class FaceMoGLETask(Task):
     arch = "face-mogle"
     columns = COMMON_COLUMNS + ["cond_latents", "mask_labels"]
 
+    @functools.cached_property
     def model_config(self):
         from modeling.face_mogle import PRESETS, FaceMoGLEConfig
 
@@ -40,12 +42,12 @@ class FaceMoGLETask(Task):
         return batch
 
     def build_model(self, device: torch.device | str = "cpu") -> nn.Module:
-        return build_face_mogle(self.model_config(), self.config.model.base_from, device)
+        return build_face_mogle(self.model_config, self.config.model.base_from, device)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         from modeling.face_mogle import training_loss
 
-        return training_loss(model, batch, self.model_config(), generator)
+        return training_loss(model, batch, self.model_config, generator)
 
     def sample(self, model: nn.Module, conditions: dict, seeds: list[int], steps: int) -> torch.Tensor:
         from modeling.face_mogle import sample
@@ -56,7 +58,7 @@ class FaceMoGLETask(Task):
         return {
             "arch": self.arch,
             "preset": self.config.model.preset,
-            "model": self.model_config().to_dict(),
+            "model": self.model_config.to_dict(),
             "base_from": self.config.model.base_from,
             "codec": self.manifest["codec"],
             "text_encoder": self.manifest["text_encoder"],

@@ -7,6 +7,7 @@ checkpoints and MLflow logging are shared; only this file knows the two models a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,18 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.data.prepare import decode_tensor
 from pipelines.train.config import TrainConfig
 
 # Shard columns each architecture reads (nothing else is read from Parquet).
 COMMON_COLUMNS = ["id", "n_captions", "text_tokens", "has_mask", "image_latent", "text_seq", "text_mask", "text_pooled"]
 
 
-def _decode(values, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    return np.frombuffer(values, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
-
-
 def _stack_latents(column, shape) -> torch.Tensor:
-    return torch.from_numpy(np.stack([_decode(v, "float16", shape) for v in column]).astype(np.float32))
+    return torch.from_numpy(np.stack([decode_tensor(v, "float16", shape) for v in column]).astype(np.float32))
 
 
 def collate_common(rows: dict, manifest: dict, rng: np.random.Generator, caption: int | None = None) -> dict:
@@ -37,9 +35,9 @@ def collate_common(rows: dict, manifest: dict, rng: np.random.Generator, caption
     for i in range(n):
         k, length = int(rows["n_captions"][i]), int(rows["text_tokens"][i])
         pick = min(caption, k - 1) if caption is not None else int(rng.integers(k))
-        seqs.append(_decode(rows["text_seq"][i], "float16", (k, length, seq_dim))[pick])
-        masks.append(_decode(rows["text_mask"][i], "uint8", (k, length))[pick])
-        pooled.append(_decode(rows["text_pooled"][i], "float16", (k, pooled_dim))[pick])
+        seqs.append(decode_tensor(rows["text_seq"][i], "float16", (k, length, seq_dim))[pick])
+        masks.append(decode_tensor(rows["text_mask"][i], "uint8", (k, length))[pick])
+        pooled.append(decode_tensor(rows["text_pooled"][i], "float16", (k, pooled_dim))[pick])
     width = max(s.shape[0] for s in seqs)
     text = np.zeros((n, width, seq_dim), np.float32)
     text_mask = np.zeros((n, width), bool)
@@ -109,13 +107,14 @@ class Task:
         from pipelines.data.layouts import labels_to_color
 
         size = self.manifest["size"]
-        return [labels_to_color(_decode(v, "uint8", (size, size))) for v in rows["mask_labels"]]
+        return [labels_to_color(decode_tensor(v, "uint8", (size, size))) for v in rows["mask_labels"]]
 
 
 class MMFaceDiTTask(Task):
     arch = "mmface-dit"
     columns = COMMON_COLUMNS + ["mask_latent", "sketch_latent", "mask_labels"]
 
+    @functools.cached_property
     def objective(self):
         from modeling.diffusion import ObjectiveConfig
 
@@ -138,6 +137,7 @@ class MMFaceDiTTask(Task):
         batch["modality"] = torch.from_numpy(np.where(has_mask, modality, 1).astype(np.int64))
         return batch
 
+    @functools.cached_property
     def model_config(self):
         from modeling.mmface_dit import PRESETS, MMFaceDiTConfig
 
@@ -150,27 +150,27 @@ class MMFaceDiTTask(Task):
     def build_model(self, device: torch.device | str = "cpu") -> nn.Module:
         from modeling.mmface_dit import build
 
-        model = build(self.model_config(), device=device)
+        model = build(self.model_config, device=device)
         model.set_gradient_checkpointing(self.config.model.grad_checkpointing)
         return model
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         from modeling.diffusion import training_loss
 
-        return training_loss(model, batch, self.objective(), generator)
+        return training_loss(model, batch, self.objective, generator)
 
     def sample(self, model: nn.Module, conditions: dict, seeds: list[int], steps: int) -> torch.Tensor:
         from modeling.diffusion import SamplerConfig, sample
 
         guidance = self.config.logging.guidance
         sampler = SamplerConfig(steps=steps, guidance_scale=7.5 if guidance is None else guidance)
-        return sample(model, conditions, seeds, self.objective(), sampler)
+        return sample(model, conditions, seeds, self.objective, sampler)
 
     def weights_config(self, model: nn.Module) -> dict:
         return {
             "arch": self.arch,
             "preset": self.config.model.preset,
-            "model": self.model_config().to_dict(),
+            "model": self.model_config.to_dict(),
             "objective": self.config.model.objective,
             "min_snr_gamma": self.config.model.min_snr_gamma,
             "codec": self.manifest["codec"],
