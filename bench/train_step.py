@@ -5,9 +5,10 @@
 
 Prints progress on stderr and ONE JSON line last on stdout:
 {"model", "device", "batch", "depth", "samples_per_s", "mfu", "peak_gib", "peer", "peer_samples_per_s",
-"speedup_vs_peer", "flops_per_sample", "infer_images_per_s", ...}. MFU counts the FLOPs of one step
-(forward + backward, ``torch.utils.flop_counter``) against 989 TFLOP/s (H100 dense bf16); it is null
-on CPU. Peak memory: CUDA max allocated during our steps; on CPU the growth of peak RSS.
+"speedup_vs_peer", "flops_per_sample", "infer_images_per_s", "optimizer", "peer_optimizer", ...}.
+MFU counts the FLOPs of one step (forward + backward, ``torch.utils.flop_counter``) against
+989 TFLOP/s (H100 dense bf16); it is null on CPU. Peak memory: CUDA max allocated during our
+steps; on CPU the growth of peak RSS.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ if __package__ in (None, ""):
     # run as a script (python bench/train_step.py): make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cases import CASE_MODULES, Case  # noqa: E402
+from bench.cases import CASE_MODULES, OPTIMIZERS, Case  # noqa: E402
 
 H100_BF16_FLOPS = 989e12
 
@@ -49,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-sample", action="store_true", help="skip the inference measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--optimizer",
+        choices=sorted(OPTIMIZERS),
+        default="faceforge",
+        help="AdamW8bit for our model: faceforge's (the trainer's; chunked CPU update) or stock bitsandbytes. "
+        "The peer always runs stock bitsandbytes, as its users would",
+    )
     return parser.parse_args(argv)
 
 
@@ -176,6 +184,8 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device) -> dict:
         "peer_peak_gib": None if peer_peak is None else round(peer_peak, 3),
         "flops_per_sample": flops_per_sample,
         "infer_images_per_s": None if infer_images_per_s is None else round(infer_images_per_s, 4),
+        "optimizer": OPTIMIZERS[args.optimizer],
+        "peer_optimizer": None if case.peer_step is None else OPTIMIZERS["bitsandbytes"],
         "threads": torch.get_num_threads(),
         **case.extra,
     }

@@ -29,11 +29,23 @@ class Case:
     extra: dict = field(default_factory=dict)  # case-specific fields for the JSON line
 
 
-def adamw8bit(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The project's default optimizer with the paper's hyper-parameters."""
-    import bitsandbytes as bnb
+OPTIMIZERS = {
+    # the trainer's AdamW8bit: bitsandbytes' kernel on CUDA, a chunked update on CPU (modeling/optim.py)
+    "faceforge": "modeling.optim.AdamW8bit",
+    # what a user of the peer would pick
+    "bitsandbytes": "bitsandbytes.optim.AdamW8bit",
+}
 
-    return bnb.optim.AdamW8bit(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+def adamw8bit(params: Iterable[torch.nn.Parameter], impl: str = "faceforge") -> torch.optim.Optimizer:
+    """AdamW 8-bit with the paper's hyper-parameters; ``impl`` names a key of ``OPTIMIZERS``."""
+    if impl == "faceforge":
+        from modeling.optim import AdamW8bit
+    elif impl == "bitsandbytes":
+        from bitsandbytes.optim import AdamW8bit
+    else:
+        raise ValueError(f"unknown optimizer {impl!r}; known: {', '.join(OPTIMIZERS)}")
+    return AdamW8bit(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

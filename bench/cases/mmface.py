@@ -2,7 +2,9 @@
 
 Both sides get the same work per step: a rectified-flow loss on ``[noisy ; condition]`` latents
 (2c input channels, c output), ``text_tokens`` caption tokens, a pooled caption vector, then
-backward, grad-clip 0.5 and a bitsandbytes AdamW8bit step; bf16 autocast on CUDA, fp32 on CPU.
+backward, grad-clip 0.5 and an AdamW8bit step (ours: the trainer's ``modeling.optim.AdamW8bit``,
+the peer: stock bitsandbytes; ``--optimizer bitsandbytes`` gives ours the stock one too); bf16
+autocast on CUDA, fp32 on CPU.
 The peer is configured like the paper model: hidden 1152 = 16 heads x 72, in 32 / out 16
 channels, joint_attention_dim 1024, pooled 1024, patch 2 (for the XL preset; the tiny preset maps
 the same way). Ours runs ``modeling.diffusion.training_loss`` itself, condition dropout included.
@@ -37,7 +39,8 @@ def build(args: argparse.Namespace, device: torch.device) -> Case:
     tokens = args.text_tokens or 77
     data = _synthetic_batch(config, batch, latent, tokens, device)
 
-    ours = _OurModel(config, data, device, compile_model=args.compile)
+    optimizer = getattr(args, "optimizer", "faceforge")
+    ours = _OurModel(config, data, device, compile_model=args.compile, optimizer=optimizer)
     peer = None if args.no_peer else _SD3Peer(config, data, latent, device, compile_model=args.compile)
     infer_batch = args.infer_batch or (64 if device.type == "cuda" else 2)
     return Case(
@@ -73,8 +76,11 @@ def _synthetic_batch(config: MMFaceDiTConfig, batch: int, latent: int, tokens: i
 
 
 class _OurModel:
-    def __init__(self, config: MMFaceDiTConfig, data: dict, device: torch.device, compile_model: bool) -> None:
+    def __init__(
+        self, config: MMFaceDiTConfig, data: dict, device: torch.device, compile_model: bool, optimizer: str
+    ) -> None:
         self.config, self.data, self.device, self.compile_model = config, data, device, compile_model
+        self.optimizer_impl = optimizer
         self.objective = ObjectiveConfig(kind="flow")
         self.model: torch.nn.Module | None = None
 
@@ -84,7 +90,7 @@ class _OurModel:
             with torch.device(self.device):
                 net = MMFaceDiT(self.config)
             self.params = list(net.parameters())
-            self.optimizer = adamw8bit(self.params)
+            self.optimizer = adamw8bit(self.params, self.optimizer_impl)
             # a generator on the device: drawing t / noise / dropout needs no host round trip
             self.generator = torch.Generator(self.device).manual_seed(0)
             self.model = torch.compile(net) if self.compile_model else net
@@ -145,7 +151,7 @@ class _SD3Peer:
                     pos_embed_max_size=self.latent // cfg.patch_size,
                 )
             self.params = list(net.parameters())
-            self.optimizer = adamw8bit(self.params)
+            self.optimizer = adamw8bit(self.params, "bitsandbytes")
             self.generator = torch.Generator(self.device).manual_seed(0)
             self.model = torch.compile(net) if self.compile_model else net
         return self.model

@@ -105,7 +105,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Case:
 
     def make_ours():
         model = _build_ours(cfg, device)
-        opt = adamw8bit([p for p in model.parameters() if p.requires_grad])
+        opt = adamw8bit([p for p in model.parameters() if p.requires_grad], getattr(args, "optimizer", "faceforge"))
         batch = _batch(cfg, batch_size, side, text_tokens, device)
         gen = torch.Generator(device=device).manual_seed(0)
         loss_fn = torch.compile(training_loss) if getattr(args, "compile", False) else training_loss
@@ -129,7 +129,8 @@ def build(args: argparse.Namespace, device: torch.device) -> Case:
         _frozen_base_dtype(transformer, device)
         forward = torch.compile(transformer) if getattr(args, "compile", False) else transformer
         mogle = MoGLE(cfg.mogle).to(device)
-        opt = adamw8bit([p for p in [*transformer.parameters(), *mogle.parameters()] if p.requires_grad])
+        trainable = [p for p in [*transformer.parameters(), *mogle.parameters()] if p.requires_grad]
+        opt = adamw8bit(trainable, "bitsandbytes")
         batch = _batch(cfg, batch_size, side, text_tokens, device)
         ids = image_ids(side, side, device)
         txt_ids = torch.zeros(text_tokens, 3, device=device)

@@ -54,9 +54,10 @@ def lr_lambda(config: TrainConfig):
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]):
     t = config.train
     if t.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
+        # bitsandbytes' AdamW8bit (its CUDA kernel on GPU); on CPU our chunked update, same state layout
+        from modeling.optim import AdamW8bit
 
-        return bnb.optim.AdamW8bit(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+        return AdamW8bit(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
     if t.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
