@@ -160,6 +160,11 @@ class DualStreamBlock(nn.Module):
         b, n, h = x.shape
         return proj(x).view(b, n, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
 
+    def kv(self, x: Tensor, proj: nn.Linear) -> Tensor:
+        """Keys and values only: (B, N, h) -> (2, B, heads, N, head_dim), from the k/v rows of ``proj``."""
+        b, n, h = x.shape
+        return F.linear(x, proj.weight[h:]).view(b, n, 2, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
+
     def forward(
         self,
         img: Tensor,
@@ -173,8 +178,15 @@ class DualStreamBlock(nn.Module):
         mod_img, mod_txt = self.modulation(c)
         n_img = img.shape[1]
         q_i, k_i, v_i = self.qkv(modulate(layer_norm(img), mod_img.attn_shift, mod_img.attn_scale), self.img_qkv)
-        q_t, k_t, v_t = self.qkv(modulate(layer_norm(txt), mod_txt.attn_shift, mod_txt.attn_scale), self.txt_qkv)
-        q = apply_rope(torch.cat([q_i, q_t], dim=2), cos, sin)
+        txt_in = modulate(layer_norm(txt), mod_txt.attn_shift, mod_txt.attn_scale)
+        if last:
+            # only image tokens reach the final layer: text queries, the text attention output and
+            # the text MLP of the last block would be dead work. Text still gives keys and values.
+            k_t, v_t = self.kv(txt_in, self.txt_qkv)
+            q = apply_rope(q_i, cos[:n_img], sin[:n_img])
+        else:
+            q_t, k_t, v_t = self.qkv(txt_in, self.txt_qkv)
+            q = apply_rope(torch.cat([q_i, q_t], dim=2), cos, sin)
         k = apply_rope(torch.cat([k_i, k_t], dim=2), cos, sin)
         v = torch.cat([v_i, v_t], dim=2)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -184,8 +196,6 @@ class DualStreamBlock(nn.Module):
             img, mod_img.mlp_gate, self.img_mlp(modulate(layer_norm(img), mod_img.mlp_shift, mod_img.mlp_scale))
         )
         if last:
-            # only image tokens reach the final layer: the text stream's output here would be dead
-            # work in the forward pass (autograd would skip it in the backward anyway)
             return img, txt
         txt = gated_residual(txt, mod_txt.attn_gate, self.txt_out(attn[:, n_img:]))
         txt = gated_residual(

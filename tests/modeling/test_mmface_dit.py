@@ -194,3 +194,20 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(every: int) ->
 def test_checkpoint_interval_must_not_be_negative() -> None:
     with pytest.raises(ValueError):
         build(TINY).set_gradient_checkpointing(-1)
+
+
+def test_last_block_shortcut_gives_the_full_blocks_image_output(trained: MMFaceDiT) -> None:
+    """The last block skips text queries and the text MLP; its image tokens must not notice."""
+    batch = make_batch(seed=5)
+    block = trained.blocks[-1]
+    g = torch.Generator().manual_seed(5)
+    b, n_img, n_txt, h = 4, 16, 6, trained.config.hidden_size
+    img, txt = torch.randn(b, n_img, h, generator=g), torch.randn(b, n_txt, h, generator=g)
+    c = torch.randn(b, h, generator=g)
+    cos, sin = trained.rope_tables(4, 4, n_txt, img.device, img.dtype)
+    mask = torch.cat([torch.ones(b, n_img, dtype=torch.bool), batch["text_mask"]], dim=1)[:, None, None, :]
+    with torch.no_grad():
+        full_img, _ = block(img, txt, c, cos, sin, mask, last=False)
+        short_img, short_txt = block(img, txt, c, cos, sin, mask, last=True)
+    torch.testing.assert_close(short_img, full_img, atol=1e-6, rtol=1e-5)
+    assert short_txt is txt  # the last block's text output is never computed
