@@ -182,7 +182,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Case:
         step=_lazy(make_ours),
         peer_name=None if getattr(args, "no_peer", False) else "diffusers-flux+peft-lora(concat,grad-ckpt)",
         peer_step=None if getattr(args, "no_peer", False) else _lazy(make_peer),
-        sample=_lazy(make_sampler),
+        sample=None if getattr(args, "no_sample", False) else _lazy(make_sampler),
         extra={
             "image_tokens": side * side // 4,
             "condition_tokens": side * side // 4,

@@ -153,6 +153,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if config.model.init_from:
         load_initial_weights(model, config.model.init_from)
     model.to(device)
+    if config.train.compile:
+        model.compile()  # in place: parameter names (checkpoints, EMA) stay those of the eager model
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = make_optimizer(config, params)

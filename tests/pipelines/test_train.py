@@ -91,6 +91,16 @@ def test_zero2_adamw8bit_trains_resumes_by_name_and_checkpoints_serve(prepared, 
     assert len(images) == 2 and images[0] == images[1]
 
 
+def test_compiled_run_resumes_in_an_eager_run(prepared, tmp_path, mlflow_uri):
+    # torch.compile works in place, so checkpoint and EMA parameter names are those of the eager model
+    overrides = ("ckpt_every=2", "workers=1", "sample_every=0", "ema=false")
+    compiled = train(_config(prepared, tmp_path, "max_steps=2", "compile=true", *overrides, name="compiled"))
+    assert _state(compiled["checkpoint"])["step"] == 2
+    eager = train(_config(prepared, tmp_path, "max_steps=4", *overrides, name="compiled"))
+    assert eager["mlflow_run_id"] == compiled["mlflow_run_id"]
+    assert _state(eager["checkpoint"])["step"] == 4
+
+
 def test_zero3_with_ema_completes(prepared, tmp_path, mlflow_uri):
     summary = train(_config(prepared, tmp_path, "max_steps=4", "ckpt_every=4", "zero_stage=3", name="z3"))
     assert _state(summary["checkpoint"])["step"] == 4
