@@ -82,10 +82,12 @@ class AdamW8bit(bnb.optim.AdamW8bit):
             raise ValueError(f"chunk_elements must be a positive multiple of {BLOCK}, got {chunk_elements}")
         super().__init__(params, *args, **kwargs)
         self.chunk_elements = chunk_elements
-        self._quantizers: dict[int, NearestCodeQuantizer] = {}
+        self._quantizers: dict[bytes, NearestCodeQuantizer] = {}
 
     def _quantizer(self, code: Tensor) -> NearestCodeQuantizer:
-        key = id(code)
+        # keyed by the map's values: a loaded state dict gives every parameter its own copy of the
+        # two maps, which must not cost a 256 KiB table each
+        key = code.detach().cpu().numpy().tobytes()
         if key not in self._quantizers:
             self._quantizers[key] = NearestCodeQuantizer(code)
         return self._quantizers[key]

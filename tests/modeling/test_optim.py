@@ -89,6 +89,22 @@ def test_state_moves_between_this_optimizer_and_bitsandbytes():
     assert float((step_ours - step_stock).norm() / step_stock.norm()) < 0.05
 
 
+def test_a_resumed_optimizer_builds_one_table_per_code_map():
+    shapes = [(64, 1000), (32, 700), (5000,)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    first = AdamW8bit(params, lr=1e-3, chunk_elements=4096)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    first.step()
+    resumed = AdamW8bit(params, lr=1e-3, chunk_elements=4096)
+    resumed.load_state_dict(first.state_dict())
+    for p in params:  # as from a checkpoint whose tensors were saved one by one: a copy of the maps each
+        state = resumed.state[p]
+        state["qmap1"], state["qmap2"] = state["qmap1"].clone(), state["qmap2"].clone()
+    resumed.step()
+    assert len(resumed._quantizers) == 2  # signed (first moment) and unsigned (second moment)
+
+
 def test_small_tensors_keep_bitsandbytes_32_bit_state():
     param, start, optimizer = _run(lambda p: AdamW8bit(p, lr=1e-3), (100,))
     assert next(iter(optimizer.state.values()))["state1"].dtype == torch.float32
