@@ -40,7 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=None, help="micro-batch (default: 32 on CUDA, 2 on CPU)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="micro-batch (default: the case's DEFAULT_BATCH, e.g. MMFace-DiT 32 on CUDA and 2 on CPU, Face-MoGLE 1)",
+    )
     parser.add_argument("--depth", type=int, default=None, help="number of blocks (default: the preset's)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -194,14 +199,15 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    module = find_case_module(args.model)
     if args.batch is None:
-        args.batch = 32 if device.type == "cuda" else 2
+        args.batch = module.DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
     if device.type == "cuda":
         # cuDNN attention is slower than flash for these shapes and breaks on some masks
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    case = find_case_module(args.model).build(args, device)
+    case = module.build(args, device)
     result = measure(case, args, device)
     print(json.dumps(result), flush=True)
     return result

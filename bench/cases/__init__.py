@@ -1,4 +1,5 @@
-"""Benchmark cases: one module per architecture, each exposing ``MODELS`` and ``build(args, device)``.
+"""Benchmark cases: one module per architecture, each exposing ``MODELS``, ``DEFAULT_BATCH`` (per
+device type) and ``build(args, device)``.
 
 ``bench/train_step.py`` finds the module whose ``MODELS`` names the requested model and times the
 ``Case`` it returns. Models are best built lazily inside ``step`` / ``peer_step`` (on the first,

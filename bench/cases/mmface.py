@@ -22,6 +22,7 @@ from bench.cases import Case, adamw8bit, autocast
 from modeling.diffusion import ObjectiveConfig, SamplerConfig, sample, training_loss
 from modeling.mmface_dit import PRESETS, MMFaceDiT, MMFaceDiTConfig
 
+DEFAULT_BATCH = {"cuda": 32, "cpu": 2}  # the paper: 32 per GPU
 MODELS = ("mmface-dit-xl", "mmface-dit-tiny")
 
 # pixels per latent cell of the codec each preset is paired with: FLUX VAE x8, pixel-unshuffle x4

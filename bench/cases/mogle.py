@@ -36,6 +36,7 @@ from modeling.face_mogle import (
 from modeling.flux_branch import add_condition_lora
 from modeling.mogle import NUM_EXPERTS, MoGLE
 
+DEFAULT_BATCH = {"cuda": 1, "cpu": 1}  # the paper: batch 8 on 8 GPUs
 MODELS = ("face-mogle-flux-dev", "face-mogle-tiny")
 
 _DEFAULTS = {  # model: (image side, caption tokens, codec downsampling)
