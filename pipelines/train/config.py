@@ -50,6 +50,9 @@ class DataSection:
     prefetch_batches: int = 2
     shuffle_buffer: int = 64  # local shuffle buffer (rows) on top of the per-epoch file shuffle
     holdout_split: str = "test"  # where the fixed sample-grid conditions come from
+    # keep the split in Ray's object store so that an epoch restarts without re-reading the shards:
+    # auto = when its shards take at most 1/8 of the object store; always | never
+    materialize: str = "auto"
 
 
 @dataclass
@@ -145,6 +148,8 @@ class TrainConfig:
             problems.append(f"train.zero_stage={t.zero_stage}: 0, 1, 2 or 3")
         if t.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"train.precision={t.precision!r}: auto, bf16 or fp32")
+        if d.materialize not in ("auto", "always", "never"):
+            problems.append(f"data.materialize={d.materialize!r}: auto, always or never")
         if t.schedule not in ("cosine", "constant"):
             problems.append(f"train.schedule={t.schedule!r}: cosine or constant")
         for name, value in (

@@ -102,6 +102,11 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
     if not files:
         raise ValueError(f"{config.data.path}: no '{config.data.split}' shards in the manifest (data.split)")
     dataset = ray.data.read_parquet(files, shuffle=FileShuffleConfig(seed=config.run.seed)).select_columns(task.columns)
+    if should_materialize(config.data.materialize, files):
+        # every epoch re-executes the dataset; from the object store that is ~2 s less per epoch on a
+        # small split (the file order is then drawn once; the local shuffle buffer still varies per epoch)
+        dataset = dataset.materialize()
+        print(f"[faceforge] '{config.data.split}' split kept in Ray's object store (data.materialize)", file=sys.stderr)
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
@@ -120,6 +125,19 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
         ),
         datasets={"train": dataset},
     )
+
+
+def should_materialize(mode: str, files: list[str]) -> bool:
+    """``data.materialize``: always, never, or auto = the shards take at most 1/8 of the object store."""
+    if mode != "auto":
+        return mode == "always"
+    import ray
+
+    on_disk = sum(Path(f).stat().st_size for f in files if "://" not in f)
+    if on_disk == 0:  # remote storage: sizes unknown here, stream
+        return False
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    return on_disk * 8 <= store
 
 
 def leave_cpu_headroom(config: TrainConfig) -> None:
