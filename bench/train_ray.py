@@ -2,7 +2,7 @@
 
     python bench/train_ray.py [--config configs/mmface_dit_tiny.yaml] [--batch 8] [--steps 60] [--gpu]
 
-Both sides train the same model at the same per-worker batch with the same bitsandbytes AdamW8bit:
+Both sides train the same model at the same per-worker batch with the trainer's AdamW8bit:
 the Ray side through ``faceforge train`` with one worker (its own ``train/samples_per_s`` and
 ``train/data_wait_frac`` over the last logging window), the bare side as a plain PyTorch loop over
 batches already collated in memory (no data loading, no DeepSpeed, no EMA, no logging). Prints one JSON
