@@ -27,7 +27,14 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipelines.train.checkpoints import STATE_FILE, WEIGHTS_DIR, weights_dir
+from pipelines.train.checkpoints import (
+    STATE_FILE,
+    WEIGHTS_DIR,
+    checkpoint_step,
+    newest_complete,
+    rank_marker,
+    weights_dir,
+)
 from pipelines.train.config import TrainConfig, config_from_dict
 from pipelines.train.tasks import NullText, Task, make_task
 
@@ -176,11 +183,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     step, epoch = 0, 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            step, epoch = restore(engine, ema, Path(directory))
-        if rank == 0:
-            print(f"[faceforge] resumed from step {step} (epoch {epoch})", flush=True)
+    # Ray's latest checkpoint can lag the run folder: a worker that dies right after a report may take
+    # the controller down before it registered that report. Resume from whichever is newer (every rank
+    # reads the same shared run folder, so all pick the same one).
+    on_disk = newest_complete(loop_config["run_dir"]) if loop_config.get("run_dir") else None
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as from_ray:
+        candidates = [Path(d) for d in (from_ray, on_disk) if d is not None]
+        if candidates:
+            step, epoch = restore(engine, ema, max(candidates, key=checkpoint_step))
+    if candidates and rank == 0:
+        print(f"[faceforge] resumed from step {step} (epoch {epoch})", flush=True)
 
     metrics = MetricBuffer(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
     global_batch = config.data.batch_size * config.data.grad_accum * world
@@ -328,6 +340,7 @@ def save_and_report(engine, ema, task: Task, params, config, step, epoch, rank, 
     with tempfile.TemporaryDirectory(prefix="faceforge-ckpt-") as tmp:
         directory = Path(tmp)
         engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        (directory / rank_marker(rank)).touch()
         with gathered(params, config.train.zero_stage):
             if rank == 0:
                 trainable = {
@@ -335,7 +348,12 @@ def save_and_report(engine, ema, task: Task, params, config, step, epoch, rank, 
                 }
                 save_serving_weights(directory / WEIGHTS_DIR, task, engine.module, trainable, ema)
         if rank == 0:
-            state = {"step": step, "epoch": epoch + 1, "ema_updates": ema.num_updates if ema else 0}
+            state = {
+                "step": step,
+                "epoch": epoch + 1,
+                "ema_updates": ema.num_updates if ema else 0,
+                "world": dist.get_world_size(),
+            }
             (directory / STATE_FILE).write_text(json.dumps(state))
         dist.barrier()
         ray.train.report({**report_metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
