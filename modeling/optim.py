@@ -39,7 +39,6 @@ class NearestCodeQuantizer:
         code = code.detach().float().cpu()
         if code.numel() != 256 or not bool((code[1:] > code[:-1]).all()):
             raise ValueError("the code map must hold 256 strictly increasing values")
-        self.code = code
         mids = (code[1:].double() + code[:-1].double()) / 2
         # midpoint i separates code i and i + 1; +inf after the last keeps every lookup in range
         self.mids = torch.cat([mids.float(), torch.tensor([math.inf])])
