@@ -129,15 +129,12 @@ class AdamW8bit(bnb.optim.AdamW8bit):
             v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
             denom = v.sqrt().div_(bias_correction2).add_(eps)
             w = param[start:end]
-            if w.dtype == torch.float32:
-                if weight_decay > 0.0:
-                    w.mul_(1.0 - lr * weight_decay)
-                w.addcdiv_(m, denom, value=-step_size)
-            else:
-                w32 = w.float()
-                if weight_decay > 0.0:
-                    w32.mul_(1.0 - lr * weight_decay)
-                w.copy_(w32.addcdiv_(m, denom, value=-step_size))
+            w32 = w.float()  # w itself when fp32: the update then lands in place
+            if weight_decay > 0.0:
+                w32.mul_(1.0 - lr * weight_decay)
+            w32.addcdiv_(m, denom, value=-step_size)
+            if w32 is not w:
+                w.copy_(w32)
             _quantize_into(quant1, m, state1[start:end], absmax1[blocks])
             _quantize_into(quant2, v, state2[start:end], absmax2[blocks])
 
