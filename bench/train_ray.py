@@ -28,7 +28,8 @@ def bare_loop(config, manifest: dict, batch: int, steps: int, device: str) -> fl
     import torch
 
     from pipelines.train.loop import make_optimizer
-    from pipelines.train.tasks import NullText, make_task
+    from pipelines.train.task import NullText
+    from pipelines.train.tasks import make_task
 
     task = make_task(config, manifest)
     shard = Path(config.data.path) / "shards" / next(s["file"] for s in manifest["shards"] if s["split"] == "train")

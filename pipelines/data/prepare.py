@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from modeling.conditions import decouple_mask, resize_image, resize_labels
 from pipelines.data.readers import FaceRecord, RecordError, open_reader
-from pipelines.data.transforms import SketchExtractor, clean_captions, decouple_mask, resize_image, resize_labels
+from pipelines.data.transforms import SketchExtractor, clean_captions
 
 SCHEMA_VERSION = 1
 TARGETS = ("mmface", "mogle")

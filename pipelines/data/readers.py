@@ -40,7 +40,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipelines.data.layouts import CELEBAMASK_PARTS, NUM_CLASSES, color_to_labels
+from modeling.conditions import NUM_CLASSES, color_to_labels
+from pipelines.data.layouts import CELEBAMASK_PARTS
 
 DEFAULT_TEST_FROM = 27_000
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.data.layouts import CELEBAMASK_PARTS, CLASS_NAMES
+from modeling.conditions import CLASS_NAMES
+from pipelines.data.layouts import CELEBAMASK_PARTS
 
 RGB = tuple[int, int, int]
 

@@ -1,7 +1,7 @@
 """Per-record transforms between a raw ``FaceRecord`` and what the codec and text encoder see.
 
-- ``resize_record``: image (bicubic) and label map (nearest) to the run's square size.
-- ``decouple_mask``: the 19-class label map -> the colour-coded global mask + 19 binary masks (SPEC §2).
+Resizing and mask decoupling live in ``modeling.conditions`` (serving needs the same pixels).
+
 - ``SketchExtractor``: a deterministic edge/line sketch when the layout ships none; a learned extractor
   (TorchScript, ``(1,3,H,W) in [0,1] -> (1,1,H,W)`` lines dark on white) may be loaded from a local path.
 - ``clean_caption``: strips instruction remnants and unfilled ``[placeholders]``, normalises spacing and
@@ -15,39 +15,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
-
-from pipelines.data.layouts import CLASS_NAMES, labels_to_color
-
-NUM_CLASSES = len(CLASS_NAMES)
-
-
-def center_square(array: np.ndarray) -> np.ndarray:
-    h, w = array.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    return array[top : top + side, left : left + side]
-
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """HxWx3 (or HxW) uint8 -> size x size, centre-cropped to square first, bicubic."""
-    image = center_square(image)
-    if image.shape[0] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
-
-
-def resize_labels(label_map: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize keeps every value a valid class id."""
-    label_map = center_square(label_map)
-    if label_map.shape[0] == size:
-        return label_map
-    return np.asarray(Image.fromarray(label_map).resize((size, size), Image.NEAREST))
-
-
-def decouple_mask(label_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(H,W) labels -> (colour-coded (H,W,3) uint8, binary (19,H,W) bool, one per class incl. background)."""
-    binary = label_map[None, :, :] == np.arange(NUM_CLASSES, dtype=label_map.dtype)[:, None, None]
-    return labels_to_color(label_map), binary
 
 
 class SketchExtractor:

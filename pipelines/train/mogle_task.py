@@ -9,15 +9,12 @@ names the base: a faceforge checkpoint of a ``full`` run, or a local diffusers F
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipelines.train.checkpoints import weights_dir
-from pipelines.train.tasks import COMMON_COLUMNS, Task, _stack_latents, collate_common
+from pipelines.train.task import COMMON_COLUMNS, Task, collate_common, stack_latents
 
 
 class FaceMoGLETask(Task):
@@ -38,10 +35,12 @@ class FaceMoGLETask(Task):
 
     def collate(self, rows: dict, rng: np.random.Generator, fixed: bool = False) -> dict:
         batch = collate_common(rows, self.manifest, rng, caption=0 if fixed else None)
-        batch["cond_latents"] = _stack_latents(rows["cond_latents"], (20, *self.manifest["latent_shape"]))
+        batch["cond_latents"] = stack_latents(rows["cond_latents"], (20, *self.manifest["latent_shape"]))
         return batch
 
     def build_model(self, device: torch.device | str = "cpu") -> nn.Module:
+        from modeling.face_mogle import build_face_mogle
+
         return build_face_mogle(self.model_config, self.config.model.base_from, device)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -52,7 +51,11 @@ class FaceMoGLETask(Task):
     def sample(self, model: nn.Module, conditions: dict, seeds: list[int], steps: int) -> torch.Tensor:
         from modeling.face_mogle import sample
 
-        return sample(model, conditions, seeds, steps=steps, guidance=self.config.logging.guidance)
+        guidance = self.config.logging.guidance
+        guidance = self.sampler_config()["guidance"] if guidance is None else guidance
+        if self.model_config.flux.guidance_embeds:
+            return sample(model, conditions, seeds, steps=steps, guidance=guidance)
+        return sample(model, conditions, seeds, steps=steps, cfg_scale=guidance)
 
     def weights_config(self, model: nn.Module) -> dict:
         return {
@@ -63,45 +66,9 @@ class FaceMoGLETask(Task):
             "codec": self.manifest["codec"],
             "text_encoder": self.manifest["text_encoder"],
             "size": self.manifest["size"],
+            "sampler": self.sampler_config(),
         }
 
-
-def build_face_mogle(cfg, base_from: str | None, device: torch.device | str = "cpu") -> nn.Module:
-    """A Face-MoGLE model whose frozen base comes from ``base_from`` (lora mode) or is fresh (full mode)."""
-    from diffusers import FluxTransformer2DModel
-
-    from modeling.face_mogle import FaceMoGLE, load_flux_transformer
-
-    if cfg.mode == "full" or not base_from:
-        with torch.device(device):
-            return FaceMoGLE(cfg)
-    base = Path(base_from)
-    weights = weights_dir(base)
-    if (weights / "config.json").is_file() and json.loads((weights / "config.json").read_text()).get("arch"):
-        # a faceforge checkpoint of a full-mode run: its EMA holds the whole transformer and a trained MoGLE
-        from modeling.weights import load_weights
-
-        state, _ = load_weights(weights, ema=(weights / "ema.safetensors").is_file())
-        transformer = FluxTransformer2DModel(**cfg.flux.kwargs())
-        transformer.load_state_dict(_strip(state, "transformer."), strict=True)
-        model = FaceMoGLE(cfg, transformer)
-        model.mogle.load_state_dict(_strip(state, "mogle."), strict=True)
-    else:
-        model = FaceMoGLE(cfg, load_flux_transformer(base, torch.float32))
-    return model.to(device)
-
-
-def _strip(state: dict, prefix: str) -> dict:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def load_trainable(model: nn.Module, state: dict) -> None:
-    """Load a checkpoint's trainable weights (all weights in full mode; LoRA + MoGLE in lora mode)."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - trainable)
-    if missing or unexpected:
-        raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+    def paper_sampler(self) -> tuple[int, float]:
+        cfg = self.model_config
+        return cfg.sample_steps, cfg.sample_guidance if cfg.flux.guidance_embeds else cfg.cfg_scale

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.data.layouts import CELEBAMASK_PARTS, labels_to_color
+from modeling.conditions import labels_to_color
+from pipelines.data.layouts import CELEBAMASK_PARTS
 
 
 @dataclass

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from modeling.conditions import resize_image, resize_labels
 from pipelines.cli import main
 from pipelines.data.prepare import DONE_DIR, PrepareOptions, decode_field, inspect_field, load_manifest, prepare
 from pipelines.data.readers import open_reader
-from pipelines.data.transforms import resize_image, resize_labels
 
 
 def _rows(out: Path) -> dict[str, dict]:

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.data.layouts import (
-    CELEBAMASK_COLORS,
-    CELEBAMASK_PARTS,
-    CLASS_NAMES,
-    color_to_labels,
-    labels_to_color,
-)
+from modeling.conditions import CELEBAMASK_COLORS, CLASS_NAMES, color_to_labels, labels_to_color
+from pipelines.data.layouts import CELEBAMASK_PARTS
 from pipelines.data.readers import (
     LAYOUTS,
     DatasetReader,

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.data.layouts import CELEBAMASK_PARTS, CLASS_NAMES
+from modeling.conditions import CLASS_NAMES
+from pipelines.data.layouts import CELEBAMASK_PARTS
 from pipelines.data.readers import FaceRecord, check_dataset, open_reader
 from pipelines.data.synth import (
     HAIR_COLOURS,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipelines.data.layouts import CELEBAMASK_COLORS
-from pipelines.data.transforms import SketchExtractor, clean_caption, clean_captions, decouple_mask
+from modeling.conditions import CELEBAMASK_COLORS, decouple_mask
+from pipelines.data.transforms import SketchExtractor, clean_caption, clean_captions
 
 
 def test_decoupled_masks_partition_the_image_and_match_the_colour_map():

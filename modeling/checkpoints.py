@@ -1,4 +1,5 @@
-"""Finding checkpoints on disk: a run folder's latest one, or a folder the user points at."""
+"""A checkpoint folder on disk, shared by training (resume), publishing and serving: its layout, whether it is
+complete, the newest complete one of a run folder, and where its serving weights are."""
 
 from __future__ import annotations
 

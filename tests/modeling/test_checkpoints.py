@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipelines.train.checkpoints import STATE_FILE, latest_checkpoint, newest_complete, rank_marker
+from modeling.checkpoints import STATE_FILE, latest_checkpoint, newest_complete, rank_marker
 
 
 def _checkpoint(run_dir, name, step, world, ranks_done):
