@@ -12,8 +12,8 @@ Entry points:
   ``t = sigmoid(N(0, 1))``, ``x_t = (1 - t) x0 + t eps``, target ``eps - x0``, MSE; guidance embedding 1.
   ``cfg`` is a ``FaceMoGLEConfig`` (None: the model's own) and supplies the dropout rates: caption -> empty
   caption with p = 0.1, each of the 19 local mask latents zeroed with p = 0.1, the global mask never. Batch
-  keys: latent, text, pooled, null_text, null_pooled, cond_latents (B, 20, C, h, w); text_mask /
-  null_text_mask are accepted but, as in FLUX, padding tokens are attended like the rest.
+  keys: latent, text, pooled, null_text, null_pooled, cond_latents (B, 20, C, h, w), text_mask /
+  null_text_mask (padding tokens are hidden from attention, so training and serving see the same text).
 - ``sample(model, conditions, seeds, steps=None, guidance=None, cfg_scale=None) -> latents (B, C, h, w)``:
   FlowMatch Euler with FLUX's dynamic shift; distilled guidance for guidance-embedding models, true CFG on
   the caption otherwise; MoGLE re-runs every step on that step's Z_t and t. ``background_conditions``
@@ -41,9 +41,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from modeling.checkpoints import weights_dir
 from modeling.diffusion import text_with_dropout
 from modeling.flux_branch import Checkpointing, add_condition_lora, condition_forward, condition_lora_config
 from modeling.mogle import NUM_EXPERTS, NUM_LOCAL, MoGLE, MoGLEConfig
+from modeling.weights import load_weights
 
 Mode = Literal["lora", "full"]
 
@@ -201,11 +203,13 @@ class FaceMoGLE(nn.Module):
         cond_tokens: Tensor | None,
         grid: tuple[int, int],
         guidance: Tensor | None = None,
+        text_mask: Tensor | None = None,
     ) -> Tensor:
         """Velocity ``eps - x0`` for packed noisy tokens (B, N, D) at flow time t (B,) in [0, 1].
 
         ``cond_tokens`` (B, 20, N, D): packed condition latents, fused by MoGLE at this Z_t and t
-        (None: the plain FLUX forward, no condition stream). ``grid`` = latent (h, w).
+        (None: the plain FLUX forward, no condition stream). ``grid`` = latent (h, w). ``text_mask`` (B, T) bool
+        marks real text tokens; padding is hidden from attention (None: every token is real).
         """
         dtype = self.transformer.context_embedder.weight.dtype
         fused = None
@@ -227,6 +231,7 @@ class FaceMoGLE(nn.Module):
             guidance=guidance if self.cfg.flux.guidance_embeds else None,
             cond_tokens=fused,
             checkpointing=self.cfg.checkpointing,
+            text_mask=text_mask,
         )
 
 
@@ -234,9 +239,13 @@ def load_flux_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16)
     """A FLUX transformer from a local diffusers folder: the pipeline root or its ``transformer/`` folder."""
     path = Path(path)
     if (path / "transformer" / "config.json").is_file():
-        return FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+        return FluxTransformer2DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, local_files_only=True
+        )
     if (path / "config.json").is_file():
-        return FluxTransformer2DModel.from_pretrained(path, torch_dtype=dtype)
+        return FluxTransformer2DModel.from_pretrained(
+            path, torch_dtype=dtype, use_safetensors=True, local_files_only=True
+        )
     raise FileNotFoundError(f"{path}: no config.json here or in transformer/; expected a diffusers FLUX folder")
 
 
@@ -257,6 +266,41 @@ def build_model(
             raise ValueError(f"{weights}: transformer config {loaded} does not match the preset's {cfg.flux.kwargs()}")
     model = FaceMoGLE(cfg, transformer)
     return model.to(device=device, dtype=dtype)
+
+
+def build_face_mogle(cfg: FaceMoGLEConfig, base_from: str | None, device: torch.device | str = "cpu") -> FaceMoGLE:
+    """A Face-MoGLE model whose frozen base comes from ``base_from`` (lora mode) or is fresh (full mode)."""
+    if cfg.mode == "full" or not base_from:
+        with torch.device(device):
+            return FaceMoGLE(cfg)
+    base = Path(base_from)
+    weights = weights_dir(base)
+    if (weights / "config.json").is_file() and json.loads((weights / "config.json").read_text()).get("arch"):
+        # a faceforge checkpoint of a full-mode run: its EMA holds the whole transformer and a trained MoGLE
+        state, _ = load_weights(weights, ema=(weights / "ema.safetensors").is_file())
+        transformer = FluxTransformer2DModel(**cfg.flux.kwargs())
+        transformer.load_state_dict(_strip(state, "transformer."), strict=True)
+        model = FaceMoGLE(cfg, transformer)
+        model.mogle.load_state_dict(_strip(state, "mogle."), strict=True)
+    else:
+        model = FaceMoGLE(cfg, load_flux_transformer(base, torch.float32))
+    return model.to(device)
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_trainable(model: nn.Module, state: dict) -> None:
+    """Load a checkpoint's trainable weights (all weights in full mode; LoRA + MoGLE in lora mode)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - trainable)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
 
 
 def describe_preset(name: str) -> dict:
@@ -306,7 +350,7 @@ def training_loss(
     keep_local = _rand((b, NUM_LOCAL), generator, device, normal=False) >= cfg.local_mask_dropout
 
     noisy = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    text, _ = text_with_dropout(
+    text, text_mask = text_with_dropout(
         batch["text"], batch.get("text_mask"), batch["null_text"], batch.get("null_text_mask"), drop_text
     )
     pooled = _null_pooled(batch, drop_text)
@@ -315,7 +359,7 @@ def training_loss(
     keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=device), keep_local], dim=1)
     cond = cond * keep[:, :, None, None].to(cond.dtype)
     guidance = torch.full((b,), cfg.train_guidance, device=device)
-    pred = model(noisy, t, text, pooled, cond, (h, w), guidance)
+    pred = model(noisy, t, text, pooled, cond, (h, w), guidance, text_mask)
     return F.mse_loss(pred.float(), noise - x0)
 
 
@@ -366,12 +410,12 @@ def sample(
         raise ValueError(f"sample got {len(seeds)} seeds for a batch of {b} condition sets")
     device = cond_latents.device
     cond = pack_conditions(cond_latents.float())
-    text, pooled = conditions["text"], conditions["pooled"]
+    text, pooled, text_mask = conditions["text"], conditions["pooled"], conditions.get("text_mask")
     guided = scale != 1.0 and not cfg.flux.guidance_embeds
     if guided:
         # caption-only CFG: the unconditional half keeps the masks, swaps in the empty caption
         drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(device)
-        text, _ = text_with_dropout(
+        text, text_mask = text_with_dropout(
             text.repeat(2, 1, 1),
             None if conditions.get("text_mask") is None else conditions["text_mask"].repeat(2, 1),
             conditions["null_text"],
@@ -388,7 +432,7 @@ def sample(
     guidance_vec = torch.full((b * reps,), guidance, device=device)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         x_in = x.repeat(reps, 1, 1)
-        v = model(x_in, sigma.expand(b * reps), text, pooled, cond, (h, w), guidance_vec).float()
+        v = model(x_in, sigma.expand(b * reps), text, pooled, cond, (h, w), guidance_vec, text_mask).float()
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + scale * (v_cond - v_uncond)

@@ -153,11 +153,12 @@ def _per_stream(x: Tensor, lengths: Sequence[int], fn: Callable[[Tensor, int], T
     return torch.cat([fn(part, i) for i, part in enumerate(x.split(list(lengths), dim=1))], dim=1)
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """(B, L, H, hd) each -> (B, L, H*hd); joint full attention with FLUX's RoPE."""
+def _attention(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], key_mask: Tensor | None) -> Tensor:
+    """(B, L, H, hd) each -> (B, L, H*hd); joint full attention with FLUX's RoPE. ``key_mask`` (B, 1, 1, L)
+    bool hides padded text keys (None: every key is real)."""
     q = apply_rotary_emb(q, rope, sequence_dim=1)
     k = apply_rotary_emb(k, rope, sequence_dim=1)
-    return dispatch_attention_fn(q, k, v).flatten(2, 3).to(q.dtype)
+    return dispatch_attention_fn(q, k, v, attn_mask=key_mask).flatten(2, 3).to(q.dtype)
 
 
 def _double_block(
@@ -167,6 +168,7 @@ def _double_block(
     temb: Tensor,
     mod_in: Tensor,
     rope: tuple[Tensor, Tensor],
+    key_mask: Tensor | None,
     inplace: bool,
 ) -> tuple[Tensor, Tensor]:
     """txt (B, T, D); x (B, S, N, D): stream 0 = image, stream 1 = condition (if S == 2);
@@ -191,7 +193,7 @@ def _double_block(
     q = torch.cat([attn.norm_added_q(txt_qkv[:, :, 0]), attn.norm_q(qkv[:, :, 0])], dim=1)
     k = torch.cat([attn.norm_added_k(txt_qkv[:, :, 1]), attn.norm_k(qkv[:, :, 1])], dim=1)
     v = torch.cat([txt_qkv[:, :, 2], qkv[:, :, 2]], dim=1)
-    txt_attn, x_attn = _attention(q, k, v, rope).split([txt.shape[1], streams * n], dim=1)
+    txt_attn, x_attn = _attention(q, k, v, rope, key_mask).split([txt.shape[1], streams * n], dim=1)
 
     x_attn = attn.to_out[1](_project([attn.to_out[0]], x_attn.unflatten(1, (streams, n)), cond, inplace))
     x = x + gate_msa * x_attn
@@ -211,6 +213,7 @@ def _single_block(
     h: Tensor,
     mod_in: Tensor,
     rope: tuple[Tensor, Tensor],
+    key_mask: Tensor | None,
     lengths: tuple[int, ...],
     inplace: bool,
 ) -> Tensor:
@@ -228,7 +231,7 @@ def _single_block(
     fused = _project([attn.to_q, attn.to_k, attn.to_v, block.proj_mlp], h_norm, cond, inplace)
     qkv, mlp = fused.split([3 * dim, block.mlp_hidden_dim], dim=-1)
     q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).unbind(2)
-    attn_out = _attention(attn.norm_q(q), attn.norm_k(k), v, rope)
+    attn_out = _attention(attn.norm_q(q), attn.norm_k(k), v, rope, key_mask)
 
     out = _project([block.proj_out], torch.cat([attn_out, block.act_mlp(mlp)], dim=-1), cond, inplace)
     return h + _per_stream(out, lengths, lambda part, i: gate[:, i] * part)
@@ -261,11 +264,15 @@ def condition_forward(
     guidance: Tensor | None = None,
     cond_tokens: Tensor | None = None,
     checkpointing: Checkpointing = "none",
+    text_mask: Tensor | None = None,
 ) -> Tensor:
     """FLUX velocity for the image tokens, with an optional condition stream.
 
     Arguments as ``FluxTransformer2DModel.forward`` (``timestep`` and ``guidance`` unscaled: t in [0, 1]),
-    plus ``cond_tokens`` (B, N, in_channels): packed condition latents at the image's positions (same N).
+    plus ``cond_tokens`` (B, N, in_channels): packed condition latents at the image's positions (same N), and
+    ``text_mask`` (B, T) bool, False = a padding token that no other token may attend to (None: all real).
+    Masking the padding makes a sample's output independent of the longest caption in its batch, so training
+    (rows padded per batch) and serving (one prompt, or a batch) see the same text.
     Returns (B, N, out_channels). Without ``cond_tokens`` this equals the diffusers forward of the
     un-adapted model, LoRA loaded or not.
     """
@@ -298,15 +305,19 @@ def condition_forward(
     txt = tf.context_embedder(encoder_hidden_states)
     ids = torch.cat([txt_ids] + [img_ids] * streams, dim=0)
     rope = tf.pos_embed(ids)
+    key_mask = None
+    if text_mask is not None:
+        image_keys = text_mask.new_ones(text_mask.shape[0], streams * hidden_states.shape[1])
+        key_mask = torch.cat([text_mask.bool(), image_keys], dim=1)[:, None, None, :]
 
     for block in tf.transformer_blocks:
-        txt, x = _run_block(_double_block, (block, txt, x, temb, mod_in, rope, inplace), checkpointing)
+        txt, x = _run_block(_double_block, (block, txt, x, temb, mod_in, rope, key_mask, inplace), checkpointing)
 
     text_len, n = txt.shape[1], hidden_states.shape[1]
     h = torch.cat([txt, x.flatten(1, 2)], dim=1)
     lengths = (text_len + n,) if cond_tokens is None else (text_len + n, n)
     for block in tf.single_transformer_blocks:
-        h = _run_block(_single_block, (block, h, mod_in, rope, lengths, inplace), checkpointing)
+        h = _run_block(_single_block, (block, h, mod_in, rope, key_mask, lengths, inplace), checkpointing)
 
     image = h[:, text_len : text_len + n]
     return tf.proj_out(tf.norm_out(image, temb))
