@@ -22,7 +22,7 @@ def _say(message: str) -> None:
 
 def _train_once(config_name: str, overrides: list[str], run_dir: Path, steps: int) -> Path:
     """Trains unless this run already reached ``steps``; returns the run's latest checkpoint."""
-    from pipelines.train.checkpoints import latest_checkpoint
+    from modeling.checkpoints import latest_checkpoint
     from pipelines.train.config import load_config
     from pipelines.train.run import train
 
@@ -40,11 +40,11 @@ def _train_once(config_name: str, overrides: list[str], run_dir: Path, steps: in
 def run_demo(workdir: Path, n: int = 192, steps: int = 60) -> int:
     from PIL import Image
 
+    from modeling.generator import FaceGenerator, GenerationRequest
     from pipelines.data.prepare import PrepareOptions, load_manifest, prepare
     from pipelines.data.readers import open_reader
     from pipelines.data.synth import synthesize
     from pipelines.train.publish import publish
-    from serve.generator import FaceGenerator, GenerationRequest
 
     workdir = workdir.resolve()
     synth, prepared, runs = workdir / "synth", workdir / "prepared", workdir / "runs"
@@ -72,15 +72,14 @@ def run_demo(workdir: Path, n: int = 192, steps: int = 60) -> int:
     reader = open_reader("celebamask-hq", synth)
     held_out = [i for i in reader.ids() if reader.split_of(i) == "test"][:4]
     records = [reader.read(i) for i in held_out]
-    from pipelines.data.layouts import labels_to_color
-    from pipelines.data.transforms import resize_image, resize_labels
+    from modeling.conditions import labels_to_color, resize_image, resize_labels
 
     out_dir = workdir / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, checkpoint in (("mmface-dit-tiny", mmface), ("face-mogle-tiny", mogle)):
         generator = FaceGenerator(checkpoint)
         requests = [GenerationRequest(prompt=r.captions[0], mask=r.label_map, seed=k) for k, r in enumerate(records)]
-        images = generator.generate(requests, steps=20)
+        images = generator.generate(requests)
         rows = [
             np.concatenate([labels_to_color(resize_labels(r.label_map, 64)), image, resize_image(r.image, 64)], axis=1)
             for r, image in zip(records, images)

@@ -2,6 +2,7 @@
 
 Input: a DataFrame with ``prompt`` and optional ``seed``, ``steps``, ``guidance``, ``mask_png`` (base64 PNG of a
 label map or colour-coded mask) and ``sketch_png``. Output: a DataFrame with ``image_png`` (base64 PNG).
+``steps`` and ``guidance`` default to the model's own sampler settings.
 """
 
 from __future__ import annotations
@@ -29,27 +30,17 @@ def encode_png(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def as_label_map(image: np.ndarray) -> np.ndarray:
-    """A label PNG as it is, a colour-coded RGB mask mapped back to labels by nearest colour."""
-    from pipelines.data.layouts import color_to_labels
-
-    return color_to_labels(image[..., :3]) if image.ndim == 3 else image.astype(np.uint8)
-
-
-def as_sketch(image: np.ndarray) -> np.ndarray:
-    return image if image.ndim == 2 else np.asarray(image[..., :3].mean(-1), np.uint8)
-
-
 class FaceforgePyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from serve.generator import FaceGenerator
+        from modeling.generator import FaceGenerator
 
-        self.generator = FaceGenerator(context.artifacts["weights"])
+        self.generator = FaceGenerator(context.artifacts["weights"], base_from=context.artifacts.get("base"))
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        from serve.generator import GenerationRequest
+        from modeling.conditions import as_sketch, mask_to_labels
+        from modeling.generator import GenerationRequest
 
         frame = pd.DataFrame(model_input)
         requests = []
@@ -58,12 +49,12 @@ class FaceforgePyfunc(mlflow.pyfunc.PythonModel):
             requests.append(
                 GenerationRequest(
                     prompt=str(row.get("prompt", "") or ""),
-                    mask=None if mask is None else as_label_map(mask),
+                    mask=None if mask is None else mask_to_labels(mask),
                     sketch=None if sketch is None else as_sketch(sketch),
                     seed=int(row.get("seed", 0) or 0),
                 )
             )
-        steps = int(frame["steps"].iloc[0]) if "steps" in frame else 28
+        steps = int(frame["steps"].iloc[0]) if "steps" in frame else None
         guidance = float(frame["guidance"].iloc[0]) if "guidance" in frame else None
         images = self.generator.generate(requests, steps=steps, guidance=guidance)
         return pd.DataFrame({"image_png": [encode_png(image) for image in images]})

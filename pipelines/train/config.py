@@ -39,6 +39,10 @@ class ModelSection:
     init_from: str | None = None  # checkpoint folder whose weights initialise the model (512 from 256, ...)
     base_from: str | None = None  # face-mogle lora on a tiny base: the base run's checkpoint folder
     options: dict = field(default_factory=dict)  # architecture extras (e.g. text_rope, MoGLE ablation)
+    # how the trained model samples when served (recorded with its weights); None: the architecture's paper
+    # setting (MMFace-DiT 50 steps, CFG 7.5; Face-MoGLE 28 steps, guidance 3.5)
+    sample_steps: int | None = None
+    sample_guidance: float | None = None
 
 
 @dataclass
@@ -87,7 +91,7 @@ class LoggingSection:
     sample_every: int = 0  # 0: only at the end
     sample_steps: int = 20
     n_samples: int = 4
-    guidance: float | None = None  # None: the architecture's default
+    guidance: float | None = None  # None: the model's serving guidance (model.sample_guidance)
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipelines.train.checkpoints import (
+from modeling.checkpoints import (
     STATE_FILE,
     WEIGHTS_DIR,
     checkpoint_step,
@@ -36,7 +36,8 @@ from pipelines.train.checkpoints import (
     weights_dir,
 )
 from pipelines.train.config import TrainConfig, config_from_dict
-from pipelines.train.tasks import NullText, Task, make_task
+from pipelines.train.task import NullText, Task
+from pipelines.train.tasks import make_task
 
 DEEPSPEED_DIR = "deepspeed"
 PEAK_FLOPS = 989e12  # H100 SXM bf16 dense: what MFU is reported against

@@ -8,25 +8,22 @@ the shards with Ray Data and starts the workers. Re-running with the same ``run.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-from pipelines.train.checkpoints import resolve_checkpoint
+from modeling.checkpoints import resolve_checkpoint
 from pipelines.train.config import TrainConfig, dump_config, load_config
+from serve.settings import tracking_uri
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 RUN_TAG = "faceforge.run_name"
 
 
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store (made absolute for the workers)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri[len("sqlite:///") :]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{path}"
-    return uri
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside its database file (MLflow's default, ``./mlruns`` of whatever
+    folder a process happens to run in, would scatter them); a tracking server chooses its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
+    return None
 
 
 def experiment_name(config: TrainConfig, manifest: dict) -> str:
@@ -44,7 +41,7 @@ def open_mlflow_run(config: TrainConfig, manifest: dict, run_dir: Path) -> tuple
     client = MlflowClient(uri)
     name = experiment_name(config, manifest)
     experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name, artifact_location(uri))
     found = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{RUN_TAG}` = '{config.run.name}' and tags.`faceforge.run_dir` = '{run_dir}'",

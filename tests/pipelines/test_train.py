@@ -156,8 +156,8 @@ def test_face_mogle_two_stages_through_the_same_entrypoint(prepared, tmp_path, m
     )
     assert _state(lora["checkpoint"])["step"] == 6
 
+    from modeling.face_mogle import build_face_mogle, load_trainable
     from modeling.weights import load_weights
-    from pipelines.train.mogle_task import build_face_mogle, load_trainable
 
     state, config = load_weights(Path(lora["checkpoint"]) / WEIGHTS_DIR, ema=True)
     assert config["arch"] == "face-mogle" and config["model"]["mode"] == "lora"
