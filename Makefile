@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast lint format bench clean
+.PHONY: venv demo test test-fast lint format bench clean browser
 
 venv: $(STAMP)
 
@@ -25,8 +25,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/faceforge demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -m "not gpu" --timeout=900
+
+# the web page's test drives Debian's chromium through Playwright; as root we install it, otherwise the test
+# says why it skipped
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+		 >/dev/null) || echo "chromium not installed: the browser test will skip"; }
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu and not slow" --timeout=600

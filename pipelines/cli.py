@@ -126,6 +126,49 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return publish_from_cli(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipelines.ray_runtime import ensure_ray, stop_ray
+    from serve.local import serve_forever
+    from serve.settings import ServeSettings
+
+    settings = {
+        "default_model": args.model,
+        "weights": args.weights,
+        "batching": {"max_batch_size": args.max_batch_size},
+        "limits": {"max_n": args.max_n, "max_steps": args.max_steps},
+    }
+    ServeSettings.from_dict(settings)  # refuse bad values before Ray starts
+    ensure_ray(num_cpus=args.num_cpus, local=True)
+    try:
+        return serve_forever(args.port, settings)
+    finally:
+        stop_ray()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from serve.client import ClientError, generate
+
+    try:
+        answer = generate(
+            args.url,
+            args.out,
+            prompt=args.prompt,
+            mask=args.mask,
+            sketch=args.sketch,
+            n=args.n,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=args.guidance,
+            model=args.model,
+            token=args.token,
+        )
+    except ClientError as error:
+        print(f"faceforge: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -217,7 +260,45 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("run", help="run name (or MLflow run id)")
     publish.add_argument("--storage", default="runs", help="the runs folder (default runs)")
     publish.add_argument("--checkpoint", help="checkpoint folder (default: the run's latest)")
+    publish.add_argument("--alias", help="point this alias (e.g. champion) of the registered model at the new version")
     publish.set_defaults(func=cmd_publish)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve the registered models over HTTP on 127.0.0.1 (Ray Serve; page at /, API at /v1)",
+        description="Starts a private local Ray, deploys the faceforge Serve application against the MLflow registry "
+        "(MLFLOW_TRACKING_URI, default sqlite:///mlruns/mlflow.db) and serves until Ctrl-C or SIGTERM, then stops "
+        "Ray. Set FACEFORGE_API_TOKEN to require 'Authorization: Bearer <token>' on /v1 routes. On a cluster use "
+        "`serve deploy cluster/serve.yaml` instead.",
+    )
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
+    srv.add_argument(
+        "--model", help="default model: NAME, NAME/VERSION or NAME@ALIAS (default: the first registered name, newest)"
+    )
+    srv.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"), help="EMA or raw weights")
+    srv.add_argument("--max-batch-size", type=int, default=8, help="images per sampler call (default 8)")
+    srv.add_argument("--max-n", type=int, default=8, help="images per request (default 8)")
+    srv.add_argument("--max-steps", type=int, default=100, help="sampler steps per request (default 100)")
+    srv.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    srv.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser(
+        "generate",
+        help="ask a running faceforge server for faces and save them as PNGs",
+        description="POSTs to URL/v1/generate and writes OUT/<seed>.png for every image.",
+    )
+    gen.add_argument("--url", default="http://127.0.0.1:8000", help="server (default http://127.0.0.1:8000)")
+    gen.add_argument("--prompt", default="", help="the caption")
+    gen.add_argument("--mask", help="mask PNG: label map (grey 0..18) or CelebAMask-HQ colour-coded")
+    gen.add_argument("--sketch", help="sketch PNG (dark lines on white; MMFace-DiT)")
+    gen.add_argument("--n", type=int, default=1, help="number of images (default 1)")
+    gen.add_argument("--seed", type=int, help="seed of the first image (default random)")
+    gen.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    gen.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    gen.add_argument("--model", help="NAME, NAME/VERSION or NAME@ALIAS (default: the server's default)")
+    gen.add_argument("--token", help="API token (default: $FACEFORGE_API_TOKEN)")
+    gen.add_argument("--out", required=True, help="folder for the PNGs")
+    gen.set_defaults(func=cmd_generate)
 
     demo = sub.add_parser("demo", help="the whole pipeline end to end on synthetic faces, on this machine")
     demo.add_argument("--workdir", default="demo_out", help="where the demo writes (default demo_out)")

@@ -1,15 +1,26 @@
-"""Starting or joining Ray the same way from every job (prepare, train, publish, serve)."""
+"""Starting, joining and stopping Ray the same way from every job (prepare, train, publish, serve, eval)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+# the private local Ray of this process, if it started one: (temp folder, pids of the processes it runs)
+_LOCAL: dict = {}
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Joins the cluster named by ``RAY_ADDRESS`` (what ``ray job submit`` sets), else starts a local Ray.
+def ensure_ray(num_cpus: int | None = None, local: bool = False) -> None:
+    """Joins the cluster named by ``RAY_ADDRESS`` (what ``ray job submit`` sets), else starts a private local Ray.
 
-    A local Ray gets every core of the machine unless told otherwise; ``num_cpus`` lets tests and the demo
-    reserve headroom (Ray Data starves behind train workers when the CPUs are all taken).
+    A local Ray is this process's own: a fresh instance in its own temp folder, never one that another job
+    (or an earlier ``ray start``) left running, so two faceforge jobs on one machine never share, and never
+    clean up, each other's workers. ``local=True`` ignores ``RAY_ADDRESS`` (``faceforge serve``). A local Ray
+    gets every core unless told otherwise; ``num_cpus`` lets tests and the demo reserve headroom.
+    ``stop_ray`` (also run at exit) stops it and every process it started.
     """
     import ray
 
@@ -17,16 +28,74 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") and not local:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
+    # short path: Ray's unix sockets live under it and their paths are capped at ~107 characters
+    temp_dir = tempfile.mkdtemp(prefix="ffray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    _LOCAL["temp_dir"] = temp_dir
+    # a watcher in its own session ends whatever this Ray leaves behind if this process dies abruptly
+    _LOCAL["reaper"] = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.reaper", str(os.getpid()), temp_dir],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    ).pid
+    atexit.register(stop_ray)  # registered before ray.init: runs after Ray's own exit hook
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
+        _temp_dir=temp_dir,
     )
+
+
+def stop_ray(grace_s: float = 3.0) -> None:
+    """Shut down this process's Ray. For a private local Ray, every process it started is gone afterwards:
+    workers whose raylet died first (a Ctrl-C reaches the whole process group) are terminated, then killed."""
+    import psutil
+    import ray
+
+    started = []
+    if _LOCAL:
+        try:
+            started = [p for p in psutil.Process().children(recursive=True) if p.pid != _LOCAL.get("reaper")]
+        except psutil.Error:
+            started = []
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    finally:
+        alive = [p for p in started if _running(p)]
+        for p in alive:
+            _quietly(p.terminate)
+        _, alive = psutil.wait_procs(alive, timeout=grace_s)
+        for p in alive:
+            _quietly(p.kill)
+        if _LOCAL.get("temp_dir"):
+            shutil.rmtree(_LOCAL.pop("temp_dir"), ignore_errors=True)
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _quietly(action) -> None:
+    import psutil
+
+    try:
+        action()
+    except psutil.Error:
+        pass
 
 
 def quiet_ray_data() -> None:

@@ -1,0 +1,126 @@
+"""The model deployment: registered model versions loaded on demand (multiplexed, LRU) and batched sampling.
+
+One HTTP request of ``n`` images becomes ``n`` items. Items queue per (steps, guidance); Serve's batcher then
+splits every batch by multiplexed model id, so each batch that reaches ``FaceGenerator.generate`` is exactly
+one sampler call: one model version, one step count, one guidance scale. A bad item fails alone: its slot
+of the batch carries the exception, the other images of the batch are delivered.
+
+This module imports no torch at import time: the ingress imports it to bind the application, and torch
+costs ~700 MiB per process. Sampling runs in a worker thread, so the replica keeps answering health checks
+and filling the next batch while a batch samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ray import serve
+
+from serve.registry import ModelRef, Registry
+from serve.settings import ServeSettings
+
+
+@dataclass
+class Item:
+    """One image to generate (what the ingress sends, decoded and validated)."""
+
+    prompt: str
+    mask: object | None  # (H, W) uint8 label map
+    sketch: object | None  # (H, W) uint8
+    seed: int
+
+
+@dataclass
+class ItemResult:
+    png: bytes
+    batch_size: int
+
+
+class GenerationError(ValueError):
+    """A request this model cannot serve (e.g. a sketch for Face-MoGLE): the ingress answers 422."""
+
+
+def model_deployment(settings: ServeSettings):
+    """The ``FaceModel`` deployment for these settings (the LRU bound is fixed when the class is made)."""
+    capacity = settings.capacity
+
+    @serve.deployment(
+        name="FaceModel",
+        num_replicas=capacity.model_replicas,
+        ray_actor_options={"num_cpus": capacity.model_num_cpus, "num_gpus": capacity.model_num_gpus},
+        max_ongoing_requests=capacity.model_max_ongoing,
+        max_queued_requests=capacity.model_max_queued,
+    )
+    class FaceModel:
+        def __init__(self, settings: dict) -> None:
+            self.settings = ServeSettings.from_dict(settings)
+            self.registry = Registry(self.settings.tracking_uri)
+            self.cache_dir = self.settings.model_cache_dir()
+            self.device = "cuda" if self.settings.capacity.model_num_gpus > 0 else "cpu"
+            self.queues: dict[tuple[int, float], object] = {}
+
+        @serve.multiplexed(max_num_models_per_replica=settings.batching.max_models_per_replica)
+        async def get_model(self, model_id: str):
+            from modeling.generator import FaceGenerator
+
+            ref = ModelRef.parse_id(model_id)
+            weights, base = await asyncio.to_thread(self.registry.fetch, ref, self.cache_dir)
+            return await asyncio.to_thread(FaceGenerator, weights, self.device, self.settings.weights, base)
+
+        async def describe(self) -> dict:
+            """What the model of the request's multiplexed id accepts (loads it when not loaded yet)."""
+            generator = await self.get_model(serve.get_multiplexed_model_id())
+            return generator.describe()
+
+        async def generate(self, items: list[Item], steps: int | None, guidance: float | None) -> dict:
+            """Images for one request, plus the steps/guidance used and the batch size each image ran in."""
+            generator = await self.get_model(serve.get_multiplexed_model_id())
+            for item in items:
+                try:
+                    generator.check(_request(item))
+                except ValueError as error:
+                    raise GenerationError(str(error)) from None
+            steps = steps or generator.defaults.steps
+            guidance = generator.defaults.guidance if guidance is None else float(guidance)
+            queue = self._queue(steps, guidance)
+            results = await asyncio.gather(*(queue(item) for item in items))
+            return {"results": results, "steps": steps, "guidance": guidance, "size": generator.size}
+
+        def _queue(self, steps: int, guidance: float):
+            key = (steps, guidance)
+            if key not in self.queues:
+                batching = self.settings.batching
+
+                @serve.batch(max_batch_size=batching.max_batch_size, batch_wait_timeout_s=batching.batch_wait_timeout_s)
+                async def run(items: list[Item]) -> list[ItemResult | Exception]:
+                    return await self._run_batch(items, steps, guidance)
+
+                self.queues[key] = run
+            return self.queues[key]
+
+        async def _run_batch(self, items: list[Item], steps: int, guidance: float) -> list[ItemResult | Exception]:
+            generator = await self.get_model(serve.get_multiplexed_model_id())
+            try:
+                images = await asyncio.to_thread(generator.generate, [_request(i) for i in items], steps, guidance)
+            except Exception as error:  # noqa: BLE001 - delivered to every waiting request; the replica lives on
+                return [error] * len(items)
+            return [ItemResult(_png(image), len(items)) for image in images]
+
+    return FaceModel
+
+
+def _request(item: Item):
+    from modeling.generator import GenerationRequest
+
+    return GenerationRequest(prompt=item.prompt, mask=item.mask, sketch=item.sketch, seed=item.seed)
+
+
+def _png(image) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()

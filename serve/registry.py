@@ -1,0 +1,166 @@
+"""The MLflow model registry as the Serve app sees it: list faceforge models, resolve a reference, fetch weights.
+
+A reference is ``name/version``, ``name@alias`` or ``name`` (its newest version). Resolution always ends at a
+concrete ``name/version`` (the multiplexed model id), so a request knows exactly which weights answered it and
+an alias can move between requests without mixing versions inside a batch.
+
+Fetching downloads the registered pyfunc model's artifacts (``artifacts/weights``: config.json +
+safetensors; ``artifacts/base`` for a Face-MoGLE LoRA on a faceforge-trained base) and never unpickles the
+pyfunc itself: the Serve replica loads safetensors only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve.settings import REGISTERED_PREFIX, tracking_uri
+
+_REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))?$")
+
+
+class ModelNotFound(LookupError):
+    """The reference names no registered model version; the message lists what exists."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    @classmethod
+    def parse_id(cls, model_id: str) -> ModelRef:
+        name, _, version = model_id.rpartition("/")
+        return cls(name, int(version))
+
+
+class Registry:
+    """Registry lookups with a short cache, so a request costs no database round trip in the common case."""
+
+    def __init__(self, uri: str | None = None, ttl_s: float = 2.0) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = tracking_uri(uri)
+        self.client = MlflowClient(self.uri, registry_uri=self.uri)
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, ModelRef]] = {}
+        self._lock = threading.Lock()
+
+    def model_names(self) -> list[str]:
+        models = self.client.search_registered_models(filter_string=f"name LIKE '{REGISTERED_PREFIX}%'")
+        return sorted(m.name for m in models)
+
+    def resolve(self, reference: str) -> ModelRef:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(reference)
+        if hit and now - hit[0] < self.ttl_s:
+            return hit[1]
+        ref = self._resolve(reference)
+        with self._lock:
+            self._cache[reference] = (now, ref)
+        return ref
+
+    def _resolve(self, reference: str) -> ModelRef:
+        from mlflow.exceptions import MlflowException
+
+        match = _REF.match(reference.strip())
+        if not match:
+            raise ModelNotFound(f"model {reference!r}: expected name, name/VERSION or name@ALIAS")
+        name = match["name"]
+        try:
+            if match["alias"]:
+                version = self.client.get_model_version_by_alias(name, match["alias"]).version
+            elif match["version"]:
+                version = self.client.get_model_version(name, match["version"]).version
+            else:
+                versions = self.client.search_model_versions(f"name = '{name}'")
+                if not versions:
+                    raise ModelNotFound(self._not_found_message(reference, name))
+                version = max(int(v.version) for v in versions)
+        except MlflowException:
+            raise ModelNotFound(self._not_found_message(reference, name)) from None
+        return ModelRef(name, int(version))
+
+    def _not_found_message(self, reference: str, name: str) -> str:
+        names = self.model_names()
+        if name not in names:
+            known = ", ".join(names) or "none yet (publish one with `faceforge publish RUN`)"
+            return f"unknown model {reference!r}; registered models: {known}"
+        model = self.client.get_registered_model(name)
+        versions = sorted(int(v.version) for v in self.client.search_model_versions(f"name = '{name}'"))
+        if not versions:
+            return f"model {name!r} has no versions; publish one with `faceforge publish RUN`"
+        aliases = ", ".join(f"@{a}" for a in sorted(getattr(model, "aliases", {}) or {})) or "none"
+        return f"unknown version or alias in {reference!r}; {name} has versions {versions} and aliases {aliases}"
+
+    def describe(self) -> list[dict]:
+        """Every faceforge registered model with its versions, aliases and what each version accepts."""
+        out = []
+        for name in self.model_names():
+            model = self.client.get_registered_model(name)
+            aliases = {alias: int(v) for alias, v in (getattr(model, "aliases", {}) or {}).items()}
+            versions = []
+            for v in sorted(self.client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+                tags = v.tags or {}
+                accepts = tags.get("accepts")
+                versions.append(
+                    {
+                        "version": int(v.version),
+                        "id": f"{name}/{v.version}",
+                        "aliases": sorted(a for a, n in aliases.items() if n == int(v.version)),
+                        "arch": tags.get("arch"),
+                        "size": int(tags["size"]) if "size" in tags else None,
+                        "accepts": None
+                        if accepts is None
+                        else {k: k in accepts.split(",") for k in ("text", "mask", "sketch")},
+                        "default_steps": int(tags["default_steps"]) if "default_steps" in tags else None,
+                        "default_guidance": float(tags["default_guidance"]) if "default_guidance" in tags else None,
+                        "step": int(tags["step"]) if "step" in tags else None,
+                    }
+                )
+            out.append({"name": name, "aliases": aliases, "versions": versions})
+        return out
+
+    def fetch(self, ref: ModelRef, cache_dir: str | Path) -> tuple[Path, Path | None]:
+        """(weights folder, base folder or None) of a model version, downloaded once into ``cache_dir``."""
+        import mlflow.artifacts
+
+        target = Path(cache_dir) / ref.name / str(ref.version)
+        if not target.is_dir():
+            # download beside it, then rename: two replicas filling one cache never see half a model
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{ref.version}-", dir=target.parent))
+            source = self.client.get_model_version_download_uri(ref.name, str(ref.version))
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=self.uri)
+            try:
+                os.rename(staging, target)
+            except OSError:  # another replica finished first
+                shutil.rmtree(staging, ignore_errors=True)
+        return model_artifacts(target, ref.id)
+
+
+def model_artifacts(downloaded: Path, what: str) -> tuple[Path, Path | None]:
+    """(weights, base or None) of a downloaded pyfunc model, by the artifact names its MLmodel file records."""
+    import yaml
+
+    mlmodel = next(iter(sorted(downloaded.rglob("MLmodel"))), None)
+    if mlmodel is None:
+        raise FileNotFoundError(f"{what}: no MLmodel file in the registered model; was it logged by faceforge publish?")
+    flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
+    paths = {key: mlmodel.parent / value["path"] for key, value in (flavor.get("artifacts") or {}).items()}
+    weights = paths.get("weights")
+    if weights is None or not (weights / "config.json").is_file():
+        raise FileNotFoundError(f"{what}: the registered model holds no weights artifact with a config.json")
+    base = paths.get("base")
+    return weights, base if base is not None and base.is_dir() else None

@@ -1,0 +1,106 @@
+"""The Serve application's settings: where the registry is, which model answers by default, and the limits.
+
+Every limit is enforced by the app itself and answered with a 4xx that says what to fix. The settings come
+from ``serve run``/``serve deploy`` (``cluster/serve.yaml``: the application's ``args``), from
+``faceforge serve`` flags, or from the defaults below; ``default_model`` can also change at run time through
+the ingress deployment's ``user_config`` (hot swap without a restart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+REGISTERED_PREFIX = "faceforge-"  # registered models faceforge publishes: faceforge-mmface-dit, faceforge-face-mogle
+TOKEN_ENV = "FACEFORGE_API_TOKEN"
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded SQLite store; a relative SQLite path is made
+    absolute so that processes started elsewhere (Ray workers, Serve replicas) open the same file."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///") :]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
+    return uri
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 8 * 2**20  # whole request, base64 images included (413 above)
+    max_n: int = 8  # images per request
+    max_steps: int = 100
+    max_prompt_chars: int = 1000
+    max_image_side: int = 2048  # uploaded mask / sketch, pixels per side
+    max_guidance: float = 30.0
+
+
+@dataclass
+class Batching:
+    max_batch_size: int = 8  # images per sampler call
+    batch_wait_timeout_s: float = 0.05
+    max_models_per_replica: int = 2  # model versions kept loaded per replica (LRU)
+
+
+@dataclass
+class Capacity:
+    """Ray Serve's admission limits; above them a request gets 503 with ``Retry-After``."""
+
+    ingress_max_ongoing: int = 64
+    ingress_max_queued: int = 64
+    model_max_ongoing: int = 64
+    model_max_queued: int = 64
+    retry_after_s: float = 2.0
+    model_replicas: int = 1
+    model_num_cpus: float = 1.0
+    model_num_gpus: float = 0.0
+
+
+@dataclass
+class ServeSettings:
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or the embedded store
+    default_model: str | None = None  # "name/version" | "name@alias" | "name" (its newest version)
+    weights: str = "auto"  # ema | raw | auto (EMA when the checkpoint has it)
+    # where replicas unpack registered models (None: ~/.cache/faceforge/models/<registry>); a version's
+    # artifacts never change, so a restart reuses what an earlier run downloaded
+    model_cache: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    batching: Batching = field(default_factory=Batching)
+    capacity: Capacity = field(default_factory=Capacity)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> ServeSettings:
+        """From the nested dict of a Serve config's ``args``; unknown keys are an error naming them."""
+        values = dict(values or {})
+        sections = {"limits": Limits, "batching": Batching, "capacity": Capacity}
+        kwargs = {}
+        for key, value in values.items():
+            if key in sections:
+                known = {f.name for f in dataclasses.fields(sections[key])}
+                unknown = set(value or {}) - known
+                if unknown:
+                    raise ValueError(f"serve settings: unknown {key} keys {sorted(unknown)}; known: {sorted(known)}")
+                kwargs[key] = sections[key](**(value or {}))
+            elif key in {f.name for f in dataclasses.fields(cls)}:
+                kwargs[key] = value
+            else:
+                raise ValueError(f"serve settings: unknown key {key!r}")
+        settings = cls(**kwargs)
+        if settings.weights not in ("auto", "ema", "raw"):
+            raise ValueError(f"serve settings: weights={settings.weights!r}; choose ema, raw or auto")
+        return settings
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model_cache_dir(self) -> Path:
+        if self.model_cache:
+            return Path(self.model_cache)
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        registry = hashlib.sha1(tracking_uri(self.tracking_uri).encode()).hexdigest()[:12]
+        return root / "faceforge" / "models" / registry

@@ -1,0 +1,392 @@
+"""The Serve application for real: Ray Serve on loopback, the MLflow registry on SQLite, HTTP from the outside.
+
+One application for the whole module (Serve startup costs ~30 s): MMFace-DiT v1/v2 and Face-MoGLE v1 registered,
+v1 of MMFace-DiT the default. Limits are set small enough that the tests can cross them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+from PIL import Image
+
+from modeling.conditions import CELEBAMASK_COLORS, labels_to_color
+from tests.serve.conftest import free_port
+
+MM = "faceforge-mmface-dit"
+MOGLE = "faceforge-face-mogle"
+LIMITS = {"max_n": 4, "max_steps": 40, "max_prompt_chars": 200, "max_body_bytes": 200_000, "max_image_side": 512}
+CAPACITY = {"ingress_max_ongoing": 16, "ingress_max_queued": 16, "model_num_cpus": 0.5, "retry_after_s": 1.0}
+
+
+def settings(registered: dict, default: str) -> dict:
+    return {
+        "tracking_uri": registered["uri"],
+        "default_model": default,
+        "limits": LIMITS,
+        "capacity": CAPACITY,
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.1},
+        "model_cache": str(registered["runs"].parent / "model-cache"),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, registered):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(settings(registered, f"{MM}/1")), name="faceforge", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        # first request loads the default model into its replica
+        warm = requests.post(f"{url}/v1/generate", json={"prompt": "warm", "steps": 2}, timeout=300)
+        assert warm.ok, warm.text
+        yield {"url": url, **registered}
+    finally:
+        serve.shutdown()
+
+
+def png_b64(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def truncated_png_b64(size: int = 64) -> str:
+    """A valid base64 string of the first half of a real PNG (a broken upload)."""
+    noisy = np.random.default_rng(2).integers(0, 19, (size, size), np.uint8)
+    whole = png_b64(noisy)
+    return whole[: len(whole) // 8 * 4]
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def face_mask(size: int = 64) -> np.ndarray:
+    labels = np.zeros((size, size), np.uint8)
+    labels[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1  # skin
+    labels[: size // 4, size // 4 : 3 * size // 4] = 13  # hair
+    labels[3 * size // 4 :, :] = 18  # cloth
+    return labels
+
+
+def post(url: str, body, **kwargs) -> requests.Response:
+    return requests.post(f"{url}/v1/generate", json=body, timeout=300, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ routes
+
+
+def test_models_health_docs_and_a_png(server):
+    url = server["url"]
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
+    models = requests.get(f"{url}/v1/models", timeout=30).json()
+    assert models["default"] == f"{MM}/1"
+    by_name = {m["name"]: m for m in models["models"]}
+    assert [v["version"] for v in by_name[MM]["versions"]] == [1, 2]
+    mm1, mogle1 = by_name[MM]["versions"][0], by_name[MOGLE]["versions"][0]
+    assert (mm1["arch"], mm1["size"], mm1["accepts"]) == (
+        "mmface-dit",
+        64,
+        {"text": True, "mask": True, "sketch": True},
+    )
+    assert mogle1["accepts"] == {"text": True, "mask": True, "sketch": False} and mogle1["default_steps"] == 4
+    assert "/v1/generate" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+    assert requests.get(f"{url}/docs", timeout=30).ok
+
+    answer = post(url, {"prompt": "a person with red hair", "seed": 5, "steps": 3, "n": 2}).json()
+    assert answer["seeds"] == [5, 6] and answer["model"] == f"{MM}/1" and answer["version"] == 1
+    assert [decode(i).shape for i in answer["images"]] == [(64, 64, 3)] * 2
+    raw = post(url, {"prompt": "a person with red hair", "seed": 5, "steps": 3}, headers={"Accept": "image/png"})
+    assert raw.headers["content-type"] == "image/png" and raw.headers["x-model"] == f"{MM}/1"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(raw.content))), decode(answer["images"][0]))
+
+
+def test_face_mogle_from_a_mask_and_text_only(server):
+    url = server["url"]
+    with_mask = post(url, {"model": f"{MOGLE}/1", "prompt": "blond hair", "mask": png_b64(face_mask()), "seed": 1})
+    text_only = post(url, {"model": MOGLE, "prompt": "blond hair", "seed": 1})
+    assert with_mask.ok and text_only.ok, with_mask.text + text_only.text
+    a, b = decode(with_mask.json()["images"][0]), decode(text_only.json()["images"][0])
+    assert a.shape == b.shape == (64, 64, 3) and not np.array_equal(a, b)  # the mask reaches the model
+    assert with_mask.json()["steps"] == 4  # the model's own sampler setting, recorded at training time
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (b"{not json", 422, "JSON"),
+        (b"", 422, "body"),
+        (b"[1, 2]", 422, "object"),
+        ({"prompt": "x", "model": "faceforge-nope"}, 404, "registered models: faceforge-face-mogle"),
+        ({"prompt": "x", "model": f"{MM}/9"}, 404, "versions [1, 2]"),
+        ({"prompt": "x", "model": f"{MM}@nope"}, 404, "aliases"),
+        ({"prompt": "x", "mask": "!!!not base64!!!"}, 422, "mask: not valid base64"),
+        ({"prompt": "x", "mask": base64.b64encode(b"GIF89a-not-a-png").decode()}, 422, "not a PNG"),
+        ({"prompt": "x", "mask": truncated_png_b64()}, 422, "mask: the PNG is damaged or truncated"),
+        ({"prompt": "x", "sketch": truncated_png_b64()}, 422, "sketch: the PNG is damaged or truncated"),
+        ({"prompt": "x", "mask": png_b64(np.full((8, 8), 25, np.uint8))}, 422, "25"),
+        ({"prompt": "x", "mask": png_b64(np.full((8, 8, 3), (10, 250, 90), np.uint8))}, 422, "(10,250,90)"),
+        ({"prompt": "x", "n": 5}, 422, "n=5 is over the limit of 4"),
+        ({"prompt": "x", "n": 0}, 422, "n"),
+        ({"prompt": "x", "steps": 41}, 422, "steps=41"),
+        ({"prompt": "x" * 201}, 422, "201 characters"),
+        ({"prompt": "x", "seed": -1}, 422, "seed"),
+        ({"prompt": "x", "guidance": "lots"}, 422, "guidance"),
+        ({"prompt": "x", "colour": "red"}, 422, "colour"),
+        ({"prompt": "x", "model": MOGLE, "sketch": png_b64(np.full((8, 8), 255, np.uint8))}, 422, "not a sketch"),
+        ({"prompt": "x", "mask": png_b64(np.zeros((600, 600), np.uint8))}, 422, "512 px limit"),
+        ({"prompt": "x", "mask": png_b64(np.random.default_rng(0).integers(0, 255, (300, 300, 3), np.uint8))}, 413,
+         "body over 200000 bytes"),
+    ],
+)  # fmt: skip
+def test_bad_input_gets_a_4xx_that_says_what_to_fix(server, body, status, words):
+    url = server["url"]
+    if isinstance(body, bytes):
+        response = requests.post(
+            f"{url}/v1/generate", data=body, headers={"Content-Type": "application/json"}, timeout=60
+        )
+    else:
+        response = post(url, body)
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"], response.json()
+
+
+def test_a_mask_of_another_size_is_resized_and_colour_masks_equal_label_maps(server):
+    url = server["url"]
+    labels = face_mask(128)
+    common = {"prompt": "short black hair", "seed": 3, "steps": 3}
+    by_labels = post(url, {**common, "mask": png_b64(labels)})
+    by_colours = post(url, {**common, "mask": png_b64(labels_to_color(labels))})
+    assert by_labels.ok and by_colours.ok
+    assert by_labels.json()["images"] == by_colours.json()["images"]
+    assert decode(by_labels.json()["images"][0]).shape == (64, 64, 3)
+    # a JPEG-ish colour mask: palette colours off by a few levels still read as their classes
+    noisy = labels_to_color(labels).astype(int) + np.random.default_rng(1).integers(-9, 10, (128, 128, 3))
+    assert post(url, {**common, "mask": png_b64(np.clip(noisy, 0, 255).astype(np.uint8))}).ok
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+def test_concurrent_requests_share_batches_and_images_do_not_depend_on_the_batch(server):
+    url = server["url"]
+    alone = post(url, {"prompt": "a smiling person", "seed": 11, "steps": 6}).json()
+    assert alone["batch_size"] == 1
+    again = post(url, {"prompt": "a smiling person", "seed": 11, "steps": 6}).json()
+    assert again["images"] == alone["images"]  # byte-identical PNG
+
+    bodies = [{"prompt": "a smiling person", "seed": 11, "steps": 6}] + [
+        {"prompt": f"person number {i} with long {colour} hair", "seed": 100 + i, "steps": 6}
+        for i, colour in enumerate(["red", "black", "blond", "gray", "brown", "red", "black"] * 3)
+    ][:15]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: post(url, b), bodies))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if not a.ok]
+    sizes = [a.json()["batch_size"] for a in answers]
+    assert max(sizes) > 1, sizes
+    for answer in answers:
+        for image in answer.json()["images"]:
+            assert decode(image).shape == (64, 64, 3)
+    batched = answers[0].json()
+    assert batched["batch_size"] > 1, sizes
+    diff = np.abs(decode(batched["images"][0]).astype(int) - decode(alone["images"][0]).astype(int))
+    assert diff.max() <= 1, f"same request alone and in a batch of {batched['batch_size']} differs by {diff.max()}"
+
+
+def test_overload_gets_503_with_retry_after_then_the_server_recovers(server):
+    url = server["url"]
+    body = {"prompt": "busy", "steps": 40, "n": 4}
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(lambda _: post(url, body), range(64)))
+    codes = [a.status_code for a in answers]
+    rejected = [a for a in answers if a.status_code in (429, 503)]
+    assert rejected and all(int(a.headers["Retry-After"]) >= 1 for a in rejected), codes
+    assert set(codes) <= {200, 429, 503}, codes
+    assert post(url, {"prompt": "calm again", "steps": 2}).ok
+
+
+# ------------------------------------------------------------------------------------------------ hot swap
+
+
+def test_hot_swap_of_the_default_model_fails_no_request(server):
+    from ray import serve
+
+    from serve.app import build_app
+
+    url = server["url"]
+    stop, results = False, []
+
+    def keep_asking():
+        while not stop:
+            results.append(post(url, {"prompt": "swap", "steps": 2}))
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(keep_asking) for _ in range(3)]
+        time.sleep(1.0)
+        serve.run(build_app(settings(server, f"{MM}/2")), name="faceforge", route_prefix="/")
+        deadline = time.time() + 60
+        while time.time() < deadline and not (results and results[-1].ok and results[-1].json()["version"] == 2):
+            time.sleep(0.5)
+        stop = True
+        for f in futures:
+            f.result()
+    assert results and all(r.status_code == 200 for r in results), [r.text for r in results if not r.ok]
+    versions = [r.json()["version"] for r in results]
+    assert versions[0] == 1 and versions[-1] == 2
+    assert post(url, {"prompt": "after", "steps": 2}).json()["model"] == f"{MM}/2"
+    assert requests.get(f"{url}/v1/models", timeout=30).json()["default"] == f"{MM}/2"
+
+
+# ------------------------------------------------------------------------------------------------ the page
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_the_page_generates_a_face_from_a_prompt_and_an_uploaded_mask(server, tmp_path):
+    if not _chromium():
+        pytest.skip("no chromium: `make test` installs Debian's chromium when run as root (apt-get)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency (make test)")
+    mask_file = tmp_path / "mask.png"
+    Image.fromarray(labels_to_color(face_mask())).save(mask_file)
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]  # fmt: skip
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), headless=True, args=args)
+        try:
+            page = browser.new_page()
+            page.goto(server["url"] + "/")
+            page.wait_for_function("document.querySelectorAll('#model option').length > 1")
+            assert f"{MM}/2" in page.inner_text("#model")
+            page.fill("#prompt", "A smiling person with short red hair, against a blue background.")
+            page.set_input_files("#mask-file", str(mask_file))
+            page.fill("#n", "2")
+            page.fill("#steps", "3")
+            page.fill("#seed", "42")
+            page.click("#generate")
+            page.wait_for_selector("#gallery figure img", timeout=120_000)
+            assert page.locator("#gallery figure").count() == 2
+            assert "seed 42" in page.inner_text("#gallery") and "seed 43" in page.inner_text("#gallery")
+            src = page.get_attribute("#gallery figure img", "src")
+            assert decode(src.split(",", 1)[1]).shape == (64, 64, 3)
+            # painting on the canvas sends only palette colours: the server accepts the painted mask
+            page.click("#palette button[data-label='13']")
+            box = page.locator("#mask-canvas").bounding_box()
+            page.mouse.move(box["x"] + 20, box["y"] + 20)
+            page.mouse.down()
+            page.mouse.move(box["x"] + 120, box["y"] + 60, steps=8)
+            page.mouse.up()
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('#gallery figure').length >= 4", timeout=120_000)
+            assert "error" not in (page.get_attribute("#status", "class") or "")
+        finally:
+            browser.close()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.mark.slow
+def test_faceforge_serve_and_generate_then_ctrl_c_leaves_nothing_running(server, tmp_path):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server["uri"], "FACEFORGE_API_TOKEN": "s3cret"}
+    env.pop("RAY_ADDRESS", None)
+    faceforge = [sys.executable, "-m", "pipelines"]
+    proc = subprocess.Popen(
+        [*faceforge, "serve", "--port", str(port), "--model", f"{MM}/2", "--num-cpus", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    lines = []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "serving on" in line or proc.poll() is not None:
+                break
+        assert "serving on" in lines[-1], "".join(lines)
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{url}/v1/models", timeout=30).status_code == 401
+        assert requests.get(f"{url}/healthz", timeout=30).ok
+        out = tmp_path / "faces"
+        mask = tmp_path / "mask.png"
+        Image.fromarray(face_mask()).save(mask)
+        done = subprocess.run(
+            [*faceforge, "generate", "--url", url, "--prompt", "grey hair", "--mask", str(mask), "--n", "2",
+             "--seed", "7", "--steps", "2", "--out", str(out), "--token", "s3cret"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["7.png", "8.png"]
+        assert json.loads(done.stdout)["model"] == f"{MM}/2"
+        refused = subprocess.run(
+            [*faceforge, "generate", "--url", url, "--prompt", "x", "--out", str(out)],
+            env={**env, "FACEFORGE_API_TOKEN": ""}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode == 1 and "401" in refused.stderr
+
+        ray_processes = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(p.name() for p in ray_processes)
+        assert "raylet" in names and "gcs_server" in names, names  # its own Ray, started by the command
+        started = time.time()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+        took = time.time() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert took < 15 and proc.returncode == 0
+    _, survivors = psutil.wait_procs(ray_processes, timeout=10)
+    survivors = [p for p in survivors if p.status() != psutil.STATUS_ZOMBIE]
+    assert not survivors, f"Ray processes outlived faceforge serve: {survivors}"
+
+
+def test_serve_yaml_is_a_valid_serve_config_for_this_app():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.settings import ServeSettings
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "cluster" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == "serve.app:build_app"
+    ServeSettings.from_dict(app.args)  # every key known
+    ingress = {d.name: d for d in app.deployments}["FaceforgeIngress"]
+    assert ingress.user_config["default_model"]
+    assert config["http_options"]["port"]
+    service = yaml.safe_load((root / "cluster" / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService" and service["apiVersion"] == "ray.io/v1"
+    assert yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["import_path"] == app.import_path
+    with pytest.raises(ValueError, match="unknown limits keys"):
+        ServeSettings.from_dict({"limits": {"max_images": 3}})
+
+
+def test_colour_table_matches_the_page():
+    page = (Path(__file__).resolve().parents[2] / "serve" / "page.html").read_text()
+    for colour in CELEBAMASK_COLORS.tolist():
+        assert f"[{colour[0]}, {colour[1]}, {colour[2]}]" in page
