@@ -39,7 +39,7 @@ class FaceGenerator:
         self.arch = self.config["arch"]
         self.size = int(self.config["size"])
         codec, text = self.config["codec"], self.config["text_encoder"]
-        self.codec = load_codec(codec.get("spec", codec["name"]), self.device)
+        self.codec = load_codec(codec, self.device)  # the entry itself: it may override the VAE's shift
         self.text = load_text_encoder(text.get("spec", text["name"]), self.device)
         self.model = self._build(state).to(self.device).eval()
         empty = self.text.encode([""])
