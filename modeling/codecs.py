@@ -7,7 +7,8 @@ Two implementations share one small interface:
   that lets the whole system run with no pretrained VAE, and it is honest about it (``name == "pixel"``).
 - ``VAECodec``: a diffusers ``AutoencoderKL`` loaded from a local folder (FLUX VAE: 16 channels, /8,
   scale 0.3611, shift 0.1159; SD VAEs: 4 channels, scale 0.18215, no shift). Shift and scale come from its
-  config. Encoding uses the posterior mean, so precomputed latents are deterministic.
+  config; a ``shift`` override replaces the config's shift, for models trained without it (the released
+  MMFace-DiT checkpoints). Encoding uses the posterior mean, so precomputed latents are deterministic.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class PixelUnshuffleCodec(LatentCodec):
 
 
 class VAECodec(LatentCodec):
-    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32, shift: float | None = None) -> None:
         super().__init__()
         from diffusers import AutoencoderKL
 
@@ -83,7 +84,7 @@ class VAECodec(LatentCodec):
         self.latent_channels = int(config.latent_channels)
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
         self.scale = float(config.scaling_factor)
-        self.shift = float(getattr(config, "shift_factor", None) or 0.0)
+        self.shift = float(getattr(config, "shift_factor", None) or 0.0) if shift is None else float(shift)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -100,9 +101,16 @@ class VAECodec(LatentCodec):
         return {**super().describe(), "path": self.path, "scale": self.scale, "shift": self.shift}
 
 
-def load_codec(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LatentCodec:
-    """``"pixel"`` (factor 4), ``"pixel:F"``, or a path to a local diffusers AutoencoderKL folder."""
+def load_codec(spec: str | dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LatentCodec:
+    """``"pixel"`` (factor 4), ``"pixel:F"``, a path to a local diffusers AutoencoderKL folder, or a codec entry
+    of a weights config (``describe()``'s dict: ``spec``, and an optional ``shift`` that overrides the VAE's)."""
+    shift = None
+    if isinstance(spec, dict):
+        shift = spec.get("shift")
+        spec = spec["spec"] if "spec" in spec else spec["name"]
     if spec == "pixel" or spec.startswith("pixel:"):
+        if shift:
+            raise ValueError(f"codec {spec!r} has no latent shift, but its entry asks for shift {shift}")
         factor = int(spec.split(":", 1)[1]) if ":" in spec else 4
         return PixelUnshuffleCodec(factor).to(device)
-    return VAECodec(spec, dtype=dtype).to(device)
+    return VAECodec(spec, dtype=dtype, shift=shift).to(device)

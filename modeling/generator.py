@@ -100,7 +100,7 @@ class FaceGenerator:
         self.size = int(self.config["size"])
         self.defaults = sampler_defaults(self.config)
         codec, text = self.config["codec"], self.config["text_encoder"]
-        self.codec = load_codec(codec.get("spec", codec["name"]), self.device)
+        self.codec = load_codec(codec, self.device)  # the entry itself: it may override the VAE's shift
         self.text = load_text_encoder(text.get("spec", text["name"]), self.device)
         base = str(base_from) if base_from is not None else self.config.get("base_from")
         self.model = self._build(state, base).to(self.device).eval()

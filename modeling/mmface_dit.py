@@ -41,6 +41,9 @@ class MMFaceDiTConfig:
     text_rope: bool = True  # 1-D RoPE on text tokens (paper); False = all-zero positions (public code)
     rope_theta: float = 10_000.0
     frequency_embedding_size: int = 256
+    # the sinusoid embeds timestep_scale * timestep: 1 here; 0.999 for the released flow checkpoints, whose code
+    # embeds 999 * t where ours feeds 1000 * t (see modeling/importers.py)
+    timestep_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -95,13 +98,14 @@ def timestep_sinusoid(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tens
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden: int, frequency_size: int) -> None:
+    def __init__(self, hidden: int, frequency_size: int, scale: float = 1.0) -> None:
         super().__init__()
         self.frequency_size = frequency_size
+        self.scale = scale
         self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: Tensor) -> Tensor:
-        features = timestep_sinusoid(t, self.frequency_size).to(self.mlp[0].weight.dtype)
+        features = timestep_sinusoid(t.float() * self.scale, self.frequency_size).to(self.mlp[0].weight.dtype)
         return self.mlp(features)
 
 
@@ -225,7 +229,7 @@ class MMFaceDiT(nn.Module):
         self.config = config
         h, p, c = config.hidden_size, config.patch_size, config.latent_channels
         self.x_embedder = nn.Conv2d(2 * c, h, kernel_size=p, stride=p)
-        self.t_embedder = TimestepEmbedder(h, config.frequency_embedding_size)
+        self.t_embedder = TimestepEmbedder(h, config.frequency_embedding_size, config.timestep_scale)
         self.caption_embedder = CaptionEmbedder(config.pooled_dim, h)
         self.text_embedder = nn.Linear(config.text_dim, h)
         self.modality_embedder = nn.Embedding(2, h)

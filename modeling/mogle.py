@@ -40,6 +40,9 @@ class MoGLEConfig:
     token_dim: int = 64  # packed latent dim: 16 VAE channels x 2 x 2
     hidden: int = 32
     time_freq_dim: int = 64  # sinusoid width fed to the time MLP
+    # the sinusoid embeds time_scale * t: 1000 for models trained here (the usual integer-step frequencies);
+    # 1 for the released Face-MoGLE checkpoint, whose gate was trained on t in [0, 1] unscaled
+    time_scale: float = 1000.0
     experts: ExpertSet = "global+local"
     expert_mlp: bool = True
     gating: Gating = "dynamic"
@@ -53,15 +56,15 @@ class MoGLEConfig:
             raise ValueError(f"MoGLEConfig.time_freq_dim must be even, got {self.time_freq_dim}")
 
 
-def timestep_sinusoid(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
-    """(B,) times in [0, 1] -> (B, dim) [cos | sin] features.
+def timestep_sinusoid(t: Tensor, dim: int, scale: float = 1000.0, max_period: float = 10_000.0) -> Tensor:
+    """(B,) times in [0, 1] -> (B, dim) [cos | sin] features of ``scale * t``.
 
-    Times are scaled by 1000 first so that [0, 1] spans the same frequencies as the usual integer-step
-    embeddings; the gate must always receive t in [0, 1] (SPEC §2 decision), never 0..1000.
+    The default scale 1000 makes [0, 1] span the same frequencies as the usual integer-step embeddings; the
+    gate must always receive t in [0, 1] (SPEC §2 decision), never 0..1000.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    args = (t.float() * scale)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -108,7 +111,7 @@ class ExpertGate(nn.Module):
         if self.cfg.gating != "static":
             if noisy_tokens is None or t is None:
                 raise ValueError("a diffusion-aware MoGLE gate needs the noisy latent Z_t and the time t")
-            temb = self.time_mlp(timestep_sinusoid(t, self.cfg.time_freq_dim).to(h.dtype))
+            temb = self.time_mlp(timestep_sinusoid(t, self.cfg.time_freq_dim, self.cfg.time_scale).to(h.dtype))
             h = h + self.latent_proj(noisy_tokens) + temb[:, None]
         return self.mlp(h)
 

@@ -20,6 +20,7 @@ Typical flow:
   faceforge data prepare --layout celebamask-hq --root data/synth --out data/synth-64
   faceforge train configs/mmface_dit_tiny.yaml data=data/synth-64
   faceforge model info mmface-dit-xl
+  faceforge import mmface-dit dit_model_weights_ema.safetensors --out imported/mmface-dit
 """
 
 
@@ -169,6 +170,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from modeling.checkpoints import WEIGHTS_DIR
+    from modeling.importers import ADAPTER_FILE, import_face_mogle, import_mmface_dit
+
+    out = Path(args.out)
+    if args.arch == "mmface-dit":
+        summary = import_mmface_dit(
+            args.weights,
+            out / WEIGHTS_DIR,
+            preset=args.preset,
+            objective=args.objective,
+            vae=args.vae,
+            text=args.text,
+            size=args.size,
+            overwrite=args.overwrite,
+        )
+    else:
+        summary = import_face_mogle(
+            args.lora,
+            args.mogle,
+            args.base,
+            out / WEIGHTS_DIR,
+            adapter_path=out / ADAPTER_FILE,
+            preset=args.preset,
+            vae=args.vae,
+            text=args.text,
+            size=args.size,
+            overwrite=args.overwrite,
+        )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -300,12 +334,81 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="folder for the PNGs")
     gen.set_defaults(func=cmd_generate)
 
+    add_import_parser(sub)
+
     demo = sub.add_parser("demo", help="the whole pipeline end to end on synthetic faces, on this machine")
     demo.add_argument("--workdir", default="demo_out", help="where the demo writes (default demo_out)")
     demo.add_argument("--n", type=int, default=192, help="synthetic faces (default 192)")
     demo.add_argument("--steps", type=int, default=60, help="training steps per model (default 60)")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+IMPORT_EPILOG = """\
+The folder written, OUT/weights/ (config.json + model.safetensors), is what a training checkpoint's weights/
+is: serve it, or start a run from it with init_from=OUT. Fine-tuning keeps the behaviour the released
+model was trained with only when the run says so: for MMFace-DiT model.options.text_rope=false
+model.options.timestep_scale=0.999 (rfm; 1.0 for ddpm) and data encoded without the VAE's latent shift;
+for Face-MoGLE "model.options.mogle={time_scale: 1.0}". Face-MoGLE imports also write
+OUT/adapter.safetensors: the same LoRA + MoGLE in save_adapter's format (diffusers' LoRA names).
+"""
+
+
+def add_import_parser(sub) -> None:
+    imp = sub.add_parser(
+        "import",
+        help="convert the papers' released checkpoints into a faceforge weights folder",
+        description="Converts a released checkpoint into OUT/weights/. Every official tensor must be used exactly "
+        "once: a missing, extra or misshapen key is an error naming it.",
+        epilog=IMPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    imp_sub = imp.add_subparsers(dest="arch", required=True, metavar="ARCH")
+
+    dit = imp_sub.add_parser(
+        "mmface-dit",
+        help="dit_model_weights_ema.safetensors of the MMFace-DiT public code",
+        description="faceforge import mmface-dit WEIGHTS --out DIR: converts the public code's EMA weights (flow or "
+        "DDPM variant). The imported model keeps the public code's behaviour: no RoPE on text tokens and latents "
+        "without the VAE's shift (the codec entry carries shift 0).",
+    )
+    dit.add_argument(
+        "weights", help="the released .safetensors (e.g. checkpoint-283517/dit_model_weights_ema.safetensors)"
+    )
+    dit.add_argument("--out", required=True, help="folder to write; the weights go to OUT/weights/")
+    dit.add_argument("--preset", default="mmface-dit-xl", help="architecture of the checkpoint (default mmface-dit-xl)")
+    dit.add_argument(
+        "--objective",
+        choices=["rfm", "ddpm"],
+        default="rfm",
+        help="which variant the checkpoint is: rfm (rectified flow, default) or ddpm",
+    )
+    dit.add_argument("--vae", default="/models/FLUX.1-dev/vae", help="FLUX VAE folder (default /models/FLUX.1-dev/vae)")
+    dit.add_argument(
+        "--text",
+        default="/models/stable-diffusion-2-1/text_encoder",
+        help="SD-2.1 CLIP text folder (default /models/stable-diffusion-2-1/text_encoder)",
+    )
+    dit.add_argument("--size", type=int, default=256, help="serving resolution: 256 or 512 as trained (default 256)")
+    dit.add_argument("--overwrite", action="store_true", help="replace weights already in OUT/weights/")
+    dit.set_defaults(func=cmd_import)
+
+    mogle = imp_sub.add_parser(
+        "face-mogle",
+        help="pytorch_lora_weights.safetensors + global_local_mask_moe.pt of the Face-MoGLE public code",
+        description="faceforge import face-mogle --lora L --mogle M --base FLUX --out DIR: the condition LoRA and "
+        "the MoGLE weights become OUT/weights/ (trainable tensors only, base_from = --base).",
+    )
+    mogle.add_argument("--lora", required=True, help="the released pytorch_lora_weights.safetensors")
+    mogle.add_argument("--mogle", required=True, help="the released MoGLE .pt (read with weights_only=True)")
+    mogle.add_argument("--base", required=True, help="local diffusers FLUX.1-dev folder the LoRA was trained on")
+    mogle.add_argument("--out", required=True, help="folder to write; the weights go to OUT/weights/")
+    mogle.add_argument("--preset", default="face-mogle-flux-dev", help="default face-mogle-flux-dev")
+    mogle.add_argument("--vae", help="VAE folder (default BASE/vae)")
+    mogle.add_argument("--text", help="text encoders (default flux:BASE/text_encoder_2,BASE/text_encoder)")
+    mogle.add_argument("--size", type=int, default=512, help="serving resolution (default 512)")
+    mogle.add_argument("--overwrite", action="store_true", help="replace weights already in OUT/weights/")
+    mogle.set_defaults(func=cmd_import)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -387,12 +387,21 @@ def restore(engine, ema, directory: Path) -> tuple[int, int]:
 
 
 def load_initial_weights(model, directory: str) -> None:
-    """Initialise from another run's serving weights (EMA when present): 512 from 256, MoGLE base, ..."""
+    """Initialise from another run's serving weights (EMA when present): 512 from 256, MoGLE base, ...
+
+    A lora-mode Face-MoGLE folder holds only the trainable tensors (LoRA + MoGLE; the frozen base comes from
+    base_from), so a state that is exactly the model's trainable set loads as that set.
+    """
+    from modeling.face_mogle import load_trainable
     from modeling.weights import EMA_FILE, load_into, load_weights
 
     weights = weights_dir(directory)
     state, _ = load_weights(weights, ema=(weights / EMA_FILE).is_file())
-    load_into(model, state)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) == trainable and trainable != set(model.state_dict()):
+        load_trainable(model, state)
+    else:
+        load_into(model, state)
 
 
 # ------------------------------------------------------------------------------------------- sample grids

@@ -64,3 +64,15 @@ def test_vae_codec_names_the_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="AutoencoderKL"):
         load_codec(str(tmp_path))
     assert json.dumps(load_codec("pixel").describe())
+
+
+def test_a_codec_entry_can_override_the_vae_shift(tiny_vae_dir):
+    own = load_codec(str(tiny_vae_dir))
+    unshifted = load_codec({"name": "vae:x", "spec": str(tiny_vae_dir), "shift": 0.0})
+    assert (unshifted.shift, unshifted.scale) == (0.0, 0.5) and unshifted.describe()["shift"] == 0.0
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.allclose(unshifted.encode(images), own.encode(images) + 0.25 * 0.5, atol=1e-6)
+    # an entry without "shift" (what the trainer wrote for the pixel codec) keeps the VAE's own
+    assert load_codec({"name": "vae:x", "spec": str(tiny_vae_dir)}).shift == 0.25
+    with pytest.raises(ValueError, match="no latent shift"):
+        load_codec({"name": "pixel", "spec": "pixel", "shift": 0.1})
