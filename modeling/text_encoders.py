@@ -64,8 +64,10 @@ class TextEncoder:
         return " ".join(words[:lo])
 
     def describe(self) -> dict:
+        """``spec`` is what ``load_text_encoder`` takes to load this encoder again (a path for CLIP/FLUX)."""
         return {
             "name": self.name,
+            "spec": getattr(self, "spec", self.name),
             "seq_dim": self.seq_dim,
             "pooled_dim": self.pooled_dim,
             "max_tokens": self.max_tokens,

@@ -82,3 +82,12 @@ def test_bad_specs_are_explained(tmp_path):
         load_text_encoder("flux:only-one")
     with pytest.raises(FileNotFoundError, match="CLIP"):
         load_text_encoder(str(tmp_path))
+
+
+def test_describe_gives_the_spec_that_loads_the_encoder_again(tiny_text_folders, minilm):
+    # what prepare records in the manifest and serving loads from the checkpoint's config
+    clip = load_text_encoder(str(tiny_text_folders / "text_encoder"))
+    flux = load_text_encoder(f"flux:{tiny_text_folders / 'text_encoder_2'},{tiny_text_folders / 'text_encoder'}")
+    for encoder in (clip, flux, minilm):
+        again = load_text_encoder(encoder.describe()["spec"])
+        assert type(again) is type(encoder) and again.describe() == encoder.describe()
