@@ -1,6 +1,10 @@
-"""The training-step benchmark runs on CPU for both architectures and prints its JSON contract."""
+"""The benchmarks run on CPU and print their JSON contract last: the training step (both architectures) and
+the Serve benchmark (its --quick size)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +40,42 @@ def test_train_step_prints_the_contract_last(model, capsys):
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(SystemExit, match="mmface-dit-xl"):
         train_step.main(["--model", "no-such-model", "--device", "cpu"])
+
+
+SERVE_CONTRACT = {
+    "device",
+    "model",
+    "steps",
+    "results",
+    "bare",
+    "batching_speedup",
+    "serve_vs_bare",
+    "load_test",
+}
+
+
+def test_serve_bench_quick_prints_the_contract_last():
+    # a subprocess: the bench starts its own private Ray, and this test session may hold one already
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "bench/serve.py", "--quick", "--device", "cpu"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert SERVE_CONTRACT <= set(result)
+    assert result["device"] == "cpu" and result["model"] == "mmface-dit-tiny"
+    rows = {(r["mode"], r["concurrency"]): r for r in result["results"]}
+    assert set(rows) == {(mode, c) for mode in ("batched", "unbatched") for c in (1, 8)}
+    load = result["load_test"]
+    assert (load["requests"], load["concurrency"]) == (20, 16)
+    for row in [*rows.values(), load]:
+        assert row["errors"] == 0 and row["images_per_s"] > 0 and 0 < row["p50_s"] <= row["p99_s"]
+    # the unbatched deployment samples one image per call; the batched one put several requests in one call
+    assert all(rows["unbatched", c]["mean_batch"] == 1 for c in (1, 8))
+    assert max(r["mean_batch"] for r in [rows["batched", 8], load]) > 1
+    assert set(result["bare"]) == {"1", "8"} and all(v > 0 for v in result["bare"].values())
+    assert result["batching_speedup"] > 0 and result["serve_vs_bare"] > 0
