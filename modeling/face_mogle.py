@@ -11,9 +11,10 @@ Entry points:
 - ``training_loss(model, batch, cfg=None, generator=None) -> Tensor``: FLUX rectified flow,
   ``t = sigmoid(N(0, 1))``, ``x_t = (1 - t) x0 + t eps``, target ``eps - x0``, MSE; guidance embedding 1.
   ``cfg`` is a ``FaceMoGLEConfig`` (None: the model's own) and supplies the dropout rates: caption -> empty
-  caption with p = 0.1, each of the 19 local mask latents zeroed with p = 0.1, the global mask never. Batch
-  keys: latent, text, pooled, null_text, null_pooled, cond_latents (B, 20, C, h, w), text_mask /
-  null_text_mask (padding tokens are hidden from attention, so training and serving see the same text).
+  caption with p = 0.1, each of the 19 local masks blacked out (an absent class) with p = 0.1, the global mask
+  never. Batch keys: latent, text, pooled, null_text, null_pooled, null_cond_latent (C, h, w: a black image's
+  latent, what a dropped local mask becomes), cond_latents (B, 20, C, h, w), text_mask / null_text_mask
+  (padding tokens are hidden from attention, so training and serving see the same text).
 - ``sample(model, conditions, seeds, steps=None, guidance=None, cfg_scale=None) -> latents (B, C, h, w)``:
   FlowMatch Euler with FLUX's dynamic shift; distilled guidance for guidance-embedding models, true CFG on
   the caption otherwise; MoGLE re-runs every step on that step's Z_t and t. ``background_conditions``
@@ -119,14 +120,14 @@ class FaceMoGLEConfig:
 PRESETS: dict[str, FaceMoGLEConfig] = {
     # the paper: frozen FLUX.1-dev (T5-XXL 4096 + CLIP-L pooled 768), FLUX VAE (16 ch), rank-4 LoRA
     "face-mogle-flux-dev": FaceMoGLEConfig(),
-    # tests and the embedded demo: pixel codec (48 ch -> 192 packed), MiniLM text (384 / 384), no guidance
-    # embedding (so true CFG at sampling); trained in "full" mode first, then "lora" on top
+    # tests and the embedded demo: 32^2 faces through the 2x2 pixel codec (12 ch -> 48 packed), MiniLM text
+    # (384 / 384), no guidance embedding (so true CFG at sampling); trained in "full" mode first, then "lora"
     "face-mogle-tiny": FaceMoGLEConfig(
-        latent_channels=48,
+        latent_channels=12,
         flux=FluxConfig(
-            in_channels=192,
+            in_channels=48,
             num_layers=2,
-            num_single_layers=4,
+            num_single_layers=2,
             attention_head_dim=32,
             num_attention_heads=4,
             joint_attention_dim=384,
@@ -134,10 +135,11 @@ PRESETS: dict[str, FaceMoGLEConfig] = {
             guidance_embeds=False,
             axes_dims_rope=(8, 12, 12),
         ),
-        mogle=MoGLEConfig(token_dim=192, hidden=48),
+        mogle=MoGLEConfig(token_dim=48, hidden=48),
         mode="full",
         checkpointing="none",
-        cfg_scale=4.0,
+        sample_steps=20,
+        cfg_scale=3.0,
     ),
 }
 
@@ -355,9 +357,14 @@ def training_loss(
     )
     pooled = _null_pooled(batch, drop_text)
     cond = pack_conditions(batch["cond_latents"])
-    # a dropped local mask contributes zero tokens; the global mask (index 0) is always kept
+    # a dropped local mask becomes the latent of a black image, i.e. an absent class, as the official code
+    # blacks out the mask image before the VAE (zero tokens never occur at inference); the global mask
+    # (index 0) is always kept
+    if "null_cond_latent" not in batch:
+        raise KeyError("null_cond_latent: the batch needs the codec's latent of a black image (prepare writes it)")
+    blank = pack_latents(batch["null_cond_latent"][None].to(cond.dtype))[:, None]  # (1, 1, N, D)
     keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=device), keep_local], dim=1)
-    cond = cond * keep[:, :, None, None].to(cond.dtype)
+    cond = torch.where(keep[:, :, None, None], cond, blank)
     guidance = torch.full((b,), cfg.train_guidance, device=device)
     pred = model(noisy, t, text, pooled, cond, (h, w), guidance, text_mask)
     return F.mse_loss(pred.float(), noise - x0)

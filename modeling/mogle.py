@@ -52,6 +52,11 @@ class MoGLEConfig:
             raise ValueError(f"MoGLEConfig.experts must be global+local|global|local, got {self.experts!r}")
         if self.gating not in ("dynamic", "static", "scalar", "sum"):
             raise ValueError(f"MoGLEConfig.gating must be dynamic|static|scalar|sum, got {self.gating!r}")
+        if self.experts == "local" and self.gating == "static":
+            raise ValueError(
+                "MoGLEConfig: a static gate sees only the global mask, which the 'local' ablation removes; "
+                "use gating=dynamic|scalar|sum with experts=local"
+            )
         if self.time_freq_dim % 2:
             raise ValueError(f"MoGLEConfig.time_freq_dim must be even, got {self.time_freq_dim}")
 
@@ -105,14 +110,16 @@ class ExpertGate(nn.Module):
             self.time_mlp = nn.Sequential(nn.Linear(cfg.time_freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, NUM_EXPERTS))
 
-    def forward(self, global_tokens: Tensor, noisy_tokens: Tensor | None, t: Tensor | None) -> Tensor:
-        """-> (B, L, 20) logits."""
+    def forward(self, global_tokens: Tensor | None, noisy_tokens: Tensor | None, t: Tensor | None) -> Tensor:
+        """-> (B, L, 20) logits. ``global_tokens`` is None in the "local" ablation: no global mask anywhere."""
         h = global_tokens
         if self.cfg.gating != "static":
             if noisy_tokens is None or t is None:
                 raise ValueError("a diffusion-aware MoGLE gate needs the noisy latent Z_t and the time t")
-            temb = self.time_mlp(timestep_sinusoid(t, self.cfg.time_freq_dim, self.cfg.time_scale).to(h.dtype))
-            h = h + self.latent_proj(noisy_tokens) + temb[:, None]
+            temb = self.time_mlp(
+                timestep_sinusoid(t, self.cfg.time_freq_dim, self.cfg.time_scale).to(noisy_tokens.dtype)
+            )
+            h = self.latent_proj(noisy_tokens) + temb[:, None] + (0 if h is None else h)
         return self.mlp(h)
 
 
@@ -137,7 +144,9 @@ class MoGLE(nn.Module):
         b, _, length, _ = cond_tokens.shape
         if self.gate is None:  # "sum" gating, or a single (global) expert: every active expert has weight 1
             return self.active.to(cond_tokens.dtype).expand(b, length, NUM_EXPERTS)
-        logits = self.gate(cond_tokens[:, 0], noisy_tokens, t).float()
+        # the "local" ablation removes the global mask everywhere, the gate's input included (the paper's table)
+        global_tokens = None if self.cfg.experts == "local" else cond_tokens[:, 0]
+        logits = self.gate(global_tokens, noisy_tokens, t).float()
         logits = logits.masked_fill(~self.active, float("-inf"))
         weights = logits.softmax(dim=-1)
         if self.cfg.gating == "scalar":

@@ -68,6 +68,7 @@ def _batch(cfg: FaceMoGLEConfig, batch: int, side: int, text_tokens: int, device
         "null_text": randn(text_tokens, cfg.flux.joint_attention_dim),
         "null_pooled": randn(cfg.flux.pooled_projection_dim),
         "cond_latents": randn(batch, NUM_EXPERTS, c, side, side),
+        "null_cond_latent": randn(c, side, side),  # stands in for the codec's latent of a black image
     }
 
 

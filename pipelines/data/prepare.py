@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from pipelines.data.transforms import SketchExtractor, clean_captions
 SCHEMA_VERSION = 1
 TARGETS = ("mmface", "mogle")
 DONE_DIR = ".done"
+NULL_FILE = "null_text.safetensors"
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,13 @@ def _to_unit(images: np.ndarray):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def torch_from(images: np.ndarray):
+    """(B, H, W, 3) floats already in [-1, 1] -> (B, 3, H, W) tensor."""
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
 def _grey_rgb(grey: np.ndarray) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
@@ -170,19 +179,6 @@ class ShardEncoder:
         self.codec = load_codec(options.codec, self.device, dtype)
         self.text = load_text_encoder(options.text, self.device, dtype)
         self.out = Path(options.out)
-        self._write_null_text()
-
-    def _write_null_text(self) -> None:
-        """The empty caption's embedding: what a dropped caption becomes during training."""
-        from safetensors.torch import save_file
-
-        target = self.out / "null_text.safetensors"
-        if target.exists():
-            return
-        emb = self.text.encode([""])
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        save_file({"seq": emb.seq[0].cpu(), "mask": emb.mask[0].cpu(), "pooled": emb.pooled[0].cpu()}, str(tmp))
-        os.replace(tmp, target)
 
     def __call__(self, batch: dict) -> dict:
         stats = [self.encode_and_write(name, payload) for name, payload in zip(batch["name"], batch["payload"])]
@@ -331,7 +327,7 @@ def decode_field(row: dict, name: str, spec: dict) -> np.ndarray:
 
 
 def _describe_components(options: PrepareOptions) -> tuple[dict, dict, tuple[int, ...], tuple[int, int]]:
-    """Codec and text encoder descriptions without loading weights where the config tells enough."""
+    """Codec and text encoder descriptions for the manifest; also writes the null conditions (``write_nulls``)."""
     import torch
 
     from modeling.codecs import load_codec
@@ -341,11 +337,35 @@ def _describe_components(options: PrepareOptions) -> tuple[dict, dict, tuple[int
     # one-off cost of a few seconds next to hours of encoding, and it fails fast on a wrong path.
     codec = load_codec(options.codec, "cpu", torch.float32)
     text = load_text_encoder(options.text, "cpu", torch.float32)
+    write_nulls(Path(options.out), codec, text, options.size)
     return codec.describe(), text.describe(), codec.latent_shape(options.size), (text.seq_dim, text.pooled_dim)
 
 
-def prepare(options: PrepareOptions, progress: bool = True) -> dict:
-    """Runs (or resumes) the whole precompute; returns the manifest."""
+def write_nulls(out: Path, codec, text, size: int) -> None:
+    """What dropped conditions become during training: the empty caption's embedding, and the codec's latent
+    of an all-black image (a dropped MoGLE local mask looks like an absent class, as at inference). Written
+    (atomically) unless a complete file is there."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target = out / NULL_FILE
+    if target.exists():
+        with safe_open(str(target), framework="pt") as f:
+            if "blank_latent" in f.keys():
+                return
+    emb = text.encode([""])
+    black = torch_from(-np.ones((1, size, size, 3), np.float32))
+    tensors = {"seq": emb.seq[0], "mask": emb.mask[0], "pooled": emb.pooled[0], "blank_latent": codec.encode(black)[0]}
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, target)
+
+
+def prepare(
+    options: PrepareOptions, progress: bool = True, on_progress: Callable[[int, int], None] | None = None
+) -> dict:
+    """Runs (or resumes) the whole precompute; returns the manifest. ``progress``: a progress bar on stderr;
+    ``on_progress(shards_done, shards)``: a callback per finished shard instead."""
     import ray
     from tqdm import tqdm
 
@@ -381,8 +401,10 @@ def prepare(options: PrepareOptions, progress: bool = True) -> dict:
             num_cpus=0 if gpus else 1,
         )
         bar = tqdm(total=len(pending), desc="prepare shards", unit="shard", disable=not progress)
-        for _ in ds.iter_rows():
+        for done, _ in enumerate(ds.iter_rows(), start=1):
             bar.update(1)
+            if on_progress is not None:
+                on_progress(done, len(pending))
         bar.close()
 
     return build_manifest(options, plans, codec_info, text_info, latent_shape, text_dims)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.data.prepare import decode_tensor
+from pipelines.data.prepare import NULL_FILE, decode_tensor
 from pipelines.train.config import TrainConfig
 
 # Shard columns each architecture reads (nothing else is read from Parquet).
@@ -54,27 +54,35 @@ def collate_common(rows: dict, manifest: dict, rng: np.random.Generator, caption
 
 @dataclass
 class NullText:
-    """The empty caption's embedding, precomputed by ``prepare`` (what a dropped caption becomes)."""
+    """What dropped conditions become, precomputed by ``prepare``: the empty caption's embedding and the codec's
+    latent of an all-black image (a dropped MoGLE local mask)."""
 
     text: torch.Tensor
     text_mask: torch.Tensor
     pooled: torch.Tensor
+    blank_latent: torch.Tensor
 
     @classmethod
     def load(cls, data_dir: str | Path) -> NullText:
         from safetensors.torch import load_file
 
-        path = Path(data_dir) / "null_text.safetensors"
+        path = Path(data_dir) / NULL_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; re-run `faceforge data prepare` on this dataset")
         tensors = load_file(str(path))
-        return cls(tensors["seq"].float(), tensors["mask"].bool(), tensors["pooled"].float())
+        if "blank_latent" not in tensors:
+            raise ValueError(
+                f"{path}: written by an older faceforge (no blank_latent); re-run `faceforge data prepare` with the "
+                "same --out: finished shards are kept, only this file is rewritten"
+            )
+        return cls(tensors["seq"].float(), tensors["mask"].bool(), tensors["pooled"].float(), tensors["blank_latent"])
 
     def as_batch(self, device, dtype) -> dict:
         return {
             "null_text": self.text.to(device, dtype),
             "null_text_mask": self.text_mask.to(device),
             "null_pooled": self.pooled.to(device, dtype),
+            "null_cond_latent": self.blank_latent.to(device, dtype),
         }
 
 

@@ -27,7 +27,7 @@ from modeling.face_mogle import (
 )
 from modeling.flux_branch import lora_parameters
 
-B, C, H, W, T = 2, 48, 4, 4, 3
+B, C, H, W, T = 2, 12, 4, 4, 3
 
 
 def _config(mode: str = "full", **overrides) -> FaceMoGLEConfig:
@@ -44,6 +44,7 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
         "null_text": torch.randn(2, 384, generator=g),
         "null_text_mask": torch.ones(2, dtype=torch.bool),
         "null_pooled": torch.randn(384, generator=g),
+        "null_cond_latent": -torch.ones(C, H, W),  # the pixel codec's latent of a black image
         "cond_latents": torch.randn(B, 20, C, H, W, generator=g),
     }
 
@@ -104,7 +105,7 @@ def test_lora_mode_trains_only_lora_and_mogle_and_leaves_the_base_unchanged():
     assert all(p.requires_grad for p in model.mogle.parameters())
 
 
-def test_condition_dropout_zeroes_local_masks_and_swaps_in_the_empty_caption():
+def test_condition_dropout_blacks_out_local_masks_and_swaps_in_the_empty_caption():
     model = FaceMoGLE(_config())
     seen = {}
     model.mogle.register_forward_pre_hook(lambda _m, args: seen.update(cond=args[0], t=args[2]))
@@ -119,8 +120,10 @@ def test_condition_dropout_zeroes_local_masks_and_swaps_in_the_empty_caption():
         assert ((seen["t"] > 0) & (seen["t"] < 1)).all()
 
         training_loss(model, batch, _config(text_dropout=1.0, local_mask_dropout=1.0))
-    assert (seen["cond"][:, 1:] == 0).all()
-    assert (seen["cond"][:, 0] != 0).any()  # the global mask is never dropped
+    # a dropped class is an absent class (the black image's latent, as at inference), never zero tokens
+    blank = pack_latents(batch["null_cond_latent"][None])
+    torch.testing.assert_close(seen["cond"][:, 1:], blank[:, None].expand(B, 19, *blank.shape[1:]))
+    torch.testing.assert_close(seen["cond"][:, 0], pack_latents(batch["cond_latents"][:, 0]))  # never dropped
     torch.testing.assert_close(seen["text"][:, :2], batch["null_text"].expand(B, 2, 384))
     assert (seen["text"][:, 2:] == 0).all()
     torch.testing.assert_close(seen["pooled"], batch["null_pooled"].expand(B, 384))
@@ -178,6 +181,21 @@ def test_sampler_reruns_mogle_every_step_and_depends_only_on_each_seed():
     first = {k: v[:1] for k, v in conditions.items() if not k.startswith("null")}
     first.update({k: v for k, v in conditions.items() if k.startswith("null")})
     torch.testing.assert_close(sample(model, first, seeds=[5], steps=3), out[:1])
+
+
+def test_a_caption_samples_the_same_alone_or_padded_beside_a_longer_one():
+    # training pads captions per batch and serving batches requests: padded text keys must change nothing
+    torch.manual_seed(0)
+    model = build_model(_config()).eval()
+    conditions = {k: v for k, v in _batch().items() if k != "latent"}
+    short = 2  # caption 0 has 2 real tokens, caption 1 all T
+    conditions["text_mask"] = torch.ones(B, T, dtype=torch.bool)
+    conditions["text_mask"][0, short:] = False
+    conditions["text"][0, short:] = 0.0  # what collate pads with
+    batched = sample(model, conditions, seeds=[5, 6], steps=3)
+    alone = {k: (v[:1] if k in ("text", "text_mask", "pooled", "cond_latents") else v) for k, v in conditions.items()}
+    alone["text"], alone["text_mask"] = alone["text"][:, :short], alone["text_mask"][:, :short]
+    torch.testing.assert_close(sample(model, alone, seeds=[5], steps=3), batched[:1], atol=1e-5, rtol=1e-4)
 
 
 def test_background_conditions_render_an_all_background_mask():

@@ -109,6 +109,17 @@ def test_only_local_gives_the_global_expert_no_weight(inputs):
     torch.testing.assert_close(weights.sum(-1), torch.ones(B, L))
 
 
+def test_only_local_removes_the_global_mask_everywhere_the_gate_included(inputs):
+    # the ablation of the paper: the global mask neither reaches an expert nor steers the gate
+    model = _mogle(experts="local")
+    cond, noisy, t = inputs
+    other = cond.clone()
+    other[:, 0] = torch.randn_like(other[:, 0])
+    torch.testing.assert_close(model(other, noisy, t), model(cond, noisy, t))
+    with pytest.raises(ValueError, match="static gate"):
+        MoGLEConfig(experts="local", gating="static")
+
+
 def test_dynamic_gate_refuses_to_run_without_latent_or_time(inputs):
     cond, _, _ = inputs
     with pytest.raises(ValueError, match="Z_t"):
