@@ -41,12 +41,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from modeling.attention import attention
 
 Checkpointing = Literal["none", "selective", "full"]
 
@@ -158,7 +159,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], key
     bool hides padded text keys (None: every key is real)."""
     q = apply_rotary_emb(q, rope, sequence_dim=1)
     k = apply_rotary_emb(k, rope, sequence_dim=1)
-    return dispatch_attention_fn(q, k, v, attn_mask=key_mask).flatten(2, 3).to(q.dtype)
+    out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask).transpose(1, 2)
+    return out.flatten(2, 3).to(q.dtype)
 
 
 def _double_block(

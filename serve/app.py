@@ -13,6 +13,7 @@ No torch is imported here: the ingress replica stays small. No ``from __future__
 Serve rebuilds the route signatures of the class, and FastAPI must see the real annotation objects.
 """
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -143,6 +144,19 @@ def decode_png(data: str, field: str, limits: Limits) -> np.ndarray:
     return np.asarray(image)
 
 
+def _conditions(body: GenerateRequest, limits: Limits):
+    """(label map or None, sketch or None) from the request's base64 PNGs; 422 naming what is wrong."""
+    mask = sketch = None
+    if body.mask:
+        try:
+            mask = mask_to_labels(decode_png(body.mask, "mask", limits))
+        except MaskError as error:
+            raise HTTPException(422, f"mask: {error}") from None
+    if body.sketch:
+        sketch = as_sketch(decode_png(body.sketch, "sketch", limits))
+    return mask, sketch
+
+
 @serve.ingress(api)
 class FaceforgeIngress:
     def __init__(self, model: DeploymentHandle, settings: dict) -> None:
@@ -182,6 +196,9 @@ class FaceforgeIngress:
 
     @api.get("/v1/models", response_model=ModelsResponse, dependencies=[Depends(_bearer_token)])
     async def models(self) -> dict:
+        return await asyncio.to_thread(self._models)
+
+    def _models(self) -> dict:
         try:
             default = self._resolve(None).id
         except HTTPException:
@@ -213,15 +230,10 @@ class FaceforgeIngress:
             problems.append(f"prompt has {len(body.prompt)} characters, over the limit of {limits.max_prompt_chars}")
         if problems:
             raise HTTPException(422, "; ".join(problems))
-        mask = sketch = None
-        if body.mask:
-            try:
-                mask = mask_to_labels(decode_png(body.mask, "mask", limits))
-            except MaskError as error:
-                raise HTTPException(422, f"mask: {error}") from None
-        if body.sketch:
-            sketch = as_sketch(decode_png(body.sketch, "sketch", limits))
-        ref = self._resolve(body.model)
+        # decoding (up to max_image_side²) and the registry lookup block: off the event loop, so requests
+        # in flight keep moving
+        mask, sketch = await asyncio.to_thread(_conditions, body, limits)
+        ref = await asyncio.to_thread(self._resolve, body.model)
         seed = body.seed if body.seed is not None else random.randrange(2**31 - body.n)
         seeds = [seed + i for i in range(body.n)]
         items = [Item(prompt=body.prompt, mask=mask, sketch=sketch, seed=s) for s in seeds]

@@ -101,11 +101,17 @@ def model_deployment(settings: ServeSettings):
 
         async def _run_batch(self, items: list[Item], steps: int, guidance: float) -> list[ItemResult | Exception]:
             generator = await self.get_model(serve.get_multiplexed_model_id())
+
+            def sample_and_encode() -> list[bytes]:
+                # PNG encoding too stays off the event loop: it would hold up the next batch's intake
+                images = generator.generate([_request(i) for i in items], steps, guidance)
+                return [_png(image) for image in images]
+
             try:
-                images = await asyncio.to_thread(generator.generate, [_request(i) for i in items], steps, guidance)
+                pngs = await asyncio.to_thread(sample_and_encode)
             except Exception as error:  # noqa: BLE001 - delivered to every waiting request; the replica lives on
                 return [error] * len(items)
-            return [ItemResult(_png(image), len(items)) for image in images]
+            return [ItemResult(png, len(items)) for png in pngs]
 
     return FaceModel
 

@@ -43,7 +43,8 @@ class Limits:
 @dataclass
 class Batching:
     max_batch_size: int = 8  # images per sampler call
-    batch_wait_timeout_s: float = 0.05
+    # how long a lone request waits for company; under load batches fill from the queue anyway
+    batch_wait_timeout_s: float = 0.01
     max_models_per_replica: int = 2  # model versions kept loaded per replica (LRU)
 
 
