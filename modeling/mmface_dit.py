@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from modeling.attention import attention
 from modeling.rope import apply_rope, axial_positions, rope_angles, rope_cos_sin, sequence_positions
 
 
@@ -70,9 +71,9 @@ class MMFaceDiTConfig:
 PRESETS: dict[str, MMFaceDiTConfig] = {
     # the paper's model: FLUX VAE latents (16 ch), OpenCLIP ViT-H text (77 x 1024 + pooled 1024)
     "mmface-dit-xl": MMFaceDiTConfig(),
-    # tests and the embedded demo: pixel-unshuffle codec (48 ch), MiniLM text (384 / 384)
+    # tests and the embedded demo: 32^2 faces through the 2x2 pixel codec (12 x 16 x 16), MiniLM text (384 / 384)
     "mmface-dit-tiny": MMFaceDiTConfig(
-        latent_channels=48, hidden_size=128, depth=4, num_heads=4, text_dim=384, pooled_dim=384
+        latent_channels=12, hidden_size=128, depth=4, num_heads=4, text_dim=384, pooled_dim=384
     ),
 }
 
@@ -193,7 +194,7 @@ class DualStreamBlock(nn.Module):
             q = apply_rope(torch.cat([q_i, q_t], dim=2), cos, sin)
         k = apply_rope(torch.cat([k_i, k_t], dim=2), cos, sin)
         v = torch.cat([v_i, v_t], dim=2)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        attn = attention(q, k, v, attn_mask)
         attn = attn.transpose(1, 2).flatten(2)
         img = gated_residual(img, mod_img.attn_gate, self.img_out(attn[:, :n_img]))
         img = gated_residual(

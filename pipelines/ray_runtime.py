@@ -13,14 +13,15 @@ import tempfile
 _LOCAL: dict = {}
 
 
-def ensure_ray(num_cpus: int | None = None, local: bool = False) -> None:
+def ensure_ray(num_cpus: int | None = None, local: bool = False, log_to_driver: bool = True) -> None:
     """Joins the cluster named by ``RAY_ADDRESS`` (what ``ray job submit`` sets), else starts a private local Ray.
 
     A local Ray is this process's own: a fresh instance in its own temp folder, never one that another job
     (or an earlier ``ray start``) left running, so two faceforge jobs on one machine never share, and never
     clean up, each other's workers. ``local=True`` ignores ``RAY_ADDRESS`` (``faceforge serve``). A local Ray
     gets every core unless told otherwise; ``num_cpus`` lets tests and the demo reserve headroom.
-    ``stop_ray`` (also run at exit) stops it and every process it started.
+    ``stop_ray`` (also run at exit) stops it and every process it started. ``log_to_driver=False`` keeps the
+    workers' output in Ray's log files instead of this process's console (``faceforge demo``).
     """
     import ray
 
@@ -29,7 +30,7 @@ def ensure_ray(num_cpus: int | None = None, local: bool = False) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS") and not local:
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
         return
     # short path: Ray's unix sockets live under it and their paths are capped at ~107 characters
     temp_dir = tempfile.mkdtemp(prefix="ffray-", dir="/tmp" if os.path.isdir("/tmp") else None)
@@ -47,7 +48,7 @@ def ensure_ray(num_cpus: int | None = None, local: bool = False) -> None:
         address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
         configure_logging=True,
         logging_level="WARNING",
         _temp_dir=temp_dir,

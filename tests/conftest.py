@@ -39,12 +39,14 @@ def synth_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(ray_local, synth_root, tmp_path_factory) -> Path:
-    """The synthetic faces as 64-px shards for both models (pixel codec, MiniLM)."""
+    """The synthetic faces as 32-px shards for both models (2x2 pixel codec, MiniLM): the tiny presets' data."""
     from pipelines.data.prepare import PrepareOptions, prepare
 
     out = tmp_path_factory.mktemp("prepared")
     prepare(
-        PrepareOptions(layout="celebamask-hq", root=str(synth_root), out=str(out), size=64, rows_per_shard=24),
+        PrepareOptions(
+            layout="celebamask-hq", root=str(synth_root), out=str(out), size=32, codec="pixel:2", rows_per_shard=24
+        ),
         progress=False,
     )
     return out

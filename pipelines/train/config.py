@@ -54,6 +54,8 @@ class DataSection:
     prefetch_batches: int = 2
     shuffle_buffer: int = 64  # local shuffle buffer (rows) on top of the per-epoch file shuffle
     holdout_split: str = "test"  # where the fixed sample-grid conditions come from
+    # MMFace-DiT: share of samples conditioned on the sketch instead of the mask, when both exist (paper: 0.5)
+    sketch_fraction: float = 0.5
     # keep the split in Ray's object store so that an epoch restarts without re-reading the shards:
     # auto = when its shards take at most 1/8 of the object store; always | never
     materialize: str = "auto"
@@ -72,7 +74,7 @@ class TrainSection:
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.5
     zero_stage: int = 2
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; bf16 on CPU = fp32 weights + bf16 autocast
     # torch.compile the model in place (fuses modulation, LayerNorm, GELU and RoPE around the GEMMs);
     # the first step compiles (~30 s for the tiny model on CPU, minutes for XL)
     compile: bool = False
@@ -105,6 +107,9 @@ class ScalingSection:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # CPU training: intra-op threads per worker; 0 = int(cpus_per_worker), at least 1 (a worker may use more
+    # threads than the CPUs Ray reserves for it, e.g. to leave Ray Data its scheduling headroom)
+    torch_threads: int = 0
     max_failures: int = 2
 
 
@@ -154,6 +159,8 @@ class TrainConfig:
             problems.append(f"train.precision={t.precision!r}: auto, bf16 or fp32")
         if d.materialize not in ("auto", "always", "never"):
             problems.append(f"data.materialize={d.materialize!r}: auto, always or never")
+        if not 0.0 <= d.sketch_fraction <= 1.0:
+            problems.append(f"data.sketch_fraction={d.sketch_fraction}: a probability in [0, 1]")
         if t.schedule not in ("cosine", "constant"):
             problems.append(f"train.schedule={t.schedule!r}: cosine or constant")
         for name, value in (

@@ -33,8 +33,8 @@ class MMFaceDiTTask(Task):
         has_mask = np.asarray(rows["has_mask"], bool)
         if fixed:  # sample grids alternate mask and sketch conditions
             modality = np.arange(len(has_mask)) % 2
-        else:  # mask or sketch 50/50 when both exist (SPEC §1)
-            modality = rng.integers(0, 2, size=len(has_mask))
+        else:  # mask or sketch when both exist: 50/50 in the paper (SPEC §1), data.sketch_fraction here
+            modality = (rng.random(len(has_mask)) < self.config.data.sketch_fraction).astype(np.int64)
         batch["modality"] = torch.from_numpy(np.where(has_mask, modality, 1).astype(np.int64))
         return batch
 

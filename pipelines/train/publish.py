@@ -1,7 +1,9 @@
 """``faceforge publish RUN``: a checkpoint's serving weights as a registered MLflow model version.
 
 The checkpoint is logged into the run's own MLflow run as a pyfunc model (``serve.pyfunc``) and registered
-under the architecture's name: ``faceforge-mmface-dit`` or ``faceforge-face-mogle``.
+under the architecture's name: ``faceforge-mmface-dit`` or ``faceforge-face-mogle``. ``RUN`` may also be a
+weights folder that no run trained (``faceforge import`` writes one): it is logged into a new run of the
+``imported`` experiment, tagged with the folder it came from.
 """
 
 from __future__ import annotations
@@ -14,10 +16,36 @@ import tempfile
 from pathlib import Path
 
 from modeling.checkpoints import WEIGHTS_DIR, latest_checkpoint, resolve_checkpoint, weights_dir
-from pipelines.train.run import RUN_TAG
+from pipelines.train.run import artifact_location, mlflow_run_of
 from serve.settings import REGISTERED_PREFIX, tracking_uri
 
 REGISTERED_NAMES = {arch: REGISTERED_PREFIX + arch for arch in ("mmface-dit", "face-mogle")}
+IMPORTED_EXPERIMENT = "imported"
+
+
+def is_weights_folder(path: str | Path) -> bool:
+    """A folder of serving weights that is not a training checkpoint (no trainer state beside it)."""
+    path = Path(path)
+    return (weights_dir(path) / "config.json").is_file() and not (path / "trainer_state.json").is_file()
+
+
+def _imported_run(client, weights: Path, config: dict) -> str:
+    """A new MLflow run in the ``imported`` experiment that records where the weights came from (made through
+    the client: ``mlflow.set_experiment`` would change the process's active experiment under other runs)."""
+    experiment = client.get_experiment_by_name(IMPORTED_EXPERIMENT)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(IMPORTED_EXPERIMENT, artifact_location(tracking_uri()))
+    )
+    tags = {"faceforge.source": str(weights), "faceforge.arch": config["arch"]}
+    if config.get("imported_from"):
+        tags["faceforge.imported_from"] = json.dumps(config["imported_from"])[:5000]
+    run = client.create_run(experiment_id, run_name=weights.parent.name, tags=tags)
+    client.log_param(run.info.run_id, "arch", config["arch"])
+    client.log_param(run.info.run_id, "size", config.get("size"))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
 
 
 def publish(run: str, storage: str = "runs", checkpoint: str | None = None, alias: str | None = None) -> dict:
@@ -28,25 +56,21 @@ def publish(run: str, storage: str = "runs", checkpoint: str | None = None, alia
     from modeling.generator import accepted_inputs, read_weights_config, sampler_defaults
     from serve.pyfunc import FaceforgePyfunc
 
-    run_dir = (Path(storage) / run).resolve()
-    ckpt = resolve_checkpoint(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    weights = ckpt / WEIGHTS_DIR
-    config = read_weights_config(weights)
-    name = REGISTERED_NAMES[config["arch"]]
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.`{RUN_TAG}` = '{run}' and tags.`faceforge.run_dir` = '{run_dir}'",
-        max_results=1,
-    )
-    if not runs:
-        raise FileNotFoundError(
-            f"no MLflow run for {run} (trained into {run_dir}) at {uri}; is MLFLOW_TRACKING_URI the same?"
-        )
-    run_id = runs[0].info.run_id
-    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    if checkpoint is None and is_weights_folder(run):
+        weights = weights_dir(run).resolve()
+        config = read_weights_config(weights)
+        ckpt, step, run_id = weights, "imported", _imported_run(client, weights, config)
+    else:
+        run_dir = (Path(storage) / run).resolve()
+        ckpt = resolve_checkpoint(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+        weights = ckpt / WEIGHTS_DIR
+        config = read_weights_config(weights)
+        run_id = mlflow_run_of(run_dir, uri)
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    name = REGISTERED_NAMES[config["arch"]]
     base = config.get("base_from")
     with tempfile.TemporaryDirectory(prefix="faceforge-publish-") as staging:
         # MLflow stores each artifact under its folder's own name: stage them under the names we read back
@@ -57,7 +81,7 @@ def publish(run: str, storage: str = "runs", checkpoint: str | None = None, alia
             artifacts["base"] = _stage(weights_dir(base), Path(staging) / "base")
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name=f"model-step{step}",
+                name=f"model-step{step}" if step != "imported" else "model-imported",
                 python_model=FaceforgePyfunc(),
                 artifacts=artifacts,
                 pip_requirements=["faceforge"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from modeling.checkpoints import resolve_checkpoint
@@ -24,6 +25,25 @@ def artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
     return None
+
+
+def mlflow_run_of(run_dir: str | Path, uri: str | None = None) -> str:
+    """The MLflow run id of the training run that writes into ``run_dir`` (found by its run-folder tag)."""
+    from mlflow import MlflowClient
+
+    uri = uri or tracking_uri()
+    client = MlflowClient(uri)
+    run_dir = Path(run_dir).resolve()
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`faceforge.run_dir` = '{run_dir}'",
+        max_results=1,
+    )
+    if not runs:
+        raise FileNotFoundError(
+            f"no MLflow run for {run_dir.name} (trained into {run_dir}) at {uri}; is MLFLOW_TRACKING_URI the same?"
+        )
+    return runs[0].info.run_id
 
 
 def experiment_name(config: TrainConfig, manifest: dict) -> str:
@@ -153,14 +173,17 @@ def leave_cpu_headroom(config: TrainConfig) -> None:
         config.scaling.cpus_per_worker = shrunk
 
 
-def train(config: TrainConfig) -> dict:
-    """Runs (or resumes) training; returns a summary with the final checkpoint path and MLflow run id."""
+def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Runs (or resumes) training; returns a summary with the final checkpoint path and MLflow run id.
+    ``on_progress(step, max_steps)`` is called from a watcher thread as rank 0 advances."""
     from mlflow import MlflowClient
 
     from pipelines.data.prepare import load_manifest
     from pipelines.ray_runtime import ensure_ray
+    from pipelines.train.task import NullText
 
     manifest = load_manifest(config.data.path)
+    NullText.load(config.data.path)  # the null conditions must be there before any worker starts
     config.data.path = str(Path(config.data.path).resolve())
     for key in ("init_from", "base_from"):
         value = getattr(config.model, key)
@@ -178,14 +201,51 @@ def train(config: TrainConfig) -> dict:
     print(f"[faceforge] MLflow run {run_id} ({'continued' if resumed else 'new'}) at {uri}", flush=True)
     trainer = build_trainer(config, manifest, {"tracking_uri": uri, "run_id": run_id, "run_dir": str(run_dir)})
     client = MlflowClient(uri)
+    watcher = ProgressWatcher(run_dir, on_progress) if on_progress else None
     try:
         result = trainer.fit()
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
+    finally:
+        if watcher:
+            watcher.stop()
     client.set_terminated(run_id, status="FINISHED")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return {"run": config.run.name, "mlflow_run_id": run_id, "checkpoint": checkpoint, "metrics": result.metrics}
+
+
+class ProgressWatcher:
+    """Polls ``run_dir/progress.json`` (written by rank 0) and reports each new step to ``callback``."""
+
+    def __init__(self, run_dir: Path, callback: Callable[[int, int], None], interval_s: float = 1.0) -> None:
+        import threading
+
+        self.path = run_dir / "progress.json"
+        self.callback = callback
+        self.interval_s = interval_s
+        self.done = threading.Event()
+        self.seen = -1
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(self.interval_s):
+            self._poll()
+
+    def _poll(self) -> None:
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if state["step"] != self.seen:
+            self.seen = state["step"]
+            self.callback(int(state["step"]), int(state["max_steps"]))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        self._poll()
 
 
 def train_from_cli(config_path: str, overrides: list[str]) -> int:

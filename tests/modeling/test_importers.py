@@ -30,7 +30,7 @@ from modeling.rope import apply_rope, rope_cos_sin
 from modeling.weights import load_into, load_weights
 
 DIT = DIT_PRESETS["mmface-dit-tiny"]
-SIZE = 32  # pixels: the pixel codec makes an 8x8 latent, a 4x4 grid of image tokens
+SIZE = 32  # pixels: the pixel:2 codec makes a 16x16 latent, an 8x8 grid of image tokens
 FLUX_TINY = MOGLE_PRESETS["face-mogle-tiny"]
 # the public Face-MoGLE training config's LoRA targets (config/Face-MoGLE.yaml, lora_config.target_modules)
 OFFICIAL_LORA_TARGETS = (
@@ -180,7 +180,7 @@ def _import_dit(tmp_path: Path, state: dict, objective: str = "rfm") -> Path:
     path = tmp_path / "dit_model_weights_ema.safetensors"
     save_file(state, str(path))
     out = tmp_path / "imported" / "weights"
-    import_mmface_dit(path, out, preset="mmface-dit-tiny", objective=objective, vae="pixel", text="minilm", size=SIZE)
+    import_mmface_dit(path, out, preset="mmface-dit-tiny", objective=objective, vae="pixel:2", text="minilm", size=SIZE)
     return out
 
 
@@ -254,7 +254,7 @@ def test_imported_mmface_config_keeps_the_public_codes_behaviour(tmp_path, offic
         "mmface-dit", "mmface-dit-tiny", "rfm", SIZE,
     )  # fmt: skip
     assert config["model"]["text_rope"] is False and config["model"]["timestep_scale"] == 0.999
-    assert config["codec"]["spec"] == "pixel" and config["codec"]["shift"] == 0.0
+    assert config["codec"]["spec"] == "pixel:2" and config["codec"]["shift"] == 0.0
     assert config["text_encoder"]["spec"] == "minilm"
     null = official_dit["c_embedder.proj.weight"].double() @ official_dit["c_embedder.null_feature_pooled"].double()
     null += official_dit["c_embedder.proj.bias"].double()
@@ -295,17 +295,17 @@ def test_truncated_or_foreign_weights_files_are_one_line_errors_naming_the_file(
     foreign.write_text("these are not the weights you are looking for")
     for path in (truncated, foreign):
         with pytest.raises(ValueError, match=path.name) as info:
-            import_mmface_dit(path, tmp_path / "out", preset="mmface-dit-tiny", vae="pixel", text="minilm")
+            import_mmface_dit(path, tmp_path / "out", preset="mmface-dit-tiny", vae="pixel:2", text="minilm")
         assert "\n" not in str(info.value)
 
 
 def test_codec_and_text_encoder_must_fit_the_model(tmp_path, official_dit):
     path = tmp_path / "w.safetensors"
     save_file(official_dit, str(path))
-    with pytest.raises(ValueError, match="codec pixel:2"):
-        import_mmface_dit(path, tmp_path / "out", preset="mmface-dit-tiny", vae="pixel:2", text="minilm")
+    with pytest.raises(ValueError, match="codec pixel:4"):
+        import_mmface_dit(path, tmp_path / "out", preset="mmface-dit-tiny", vae="pixel:4", text="minilm")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        import_mmface_dit(path, tmp_path / "out", preset="mmface-dit-tiny", vae="pixel", text=str(tmp_path))
+        import_mmface_dit(path, tmp_path / "out", preset="mmface-dit-tiny", vae="pixel:2", text=str(tmp_path))
 
 
 def test_imported_mmface_dit_serves_and_initialises_training(tmp_path, official_dit):
@@ -332,7 +332,7 @@ def test_cli_imports_and_reports_bad_input_in_one_line(tmp_path, official_dit, c
     save_file(official_dit, str(path))
     out = tmp_path / "cli"
     argv = ["import", "mmface-dit", str(path), "--out", str(out), "--preset", "mmface-dit-tiny"]
-    argv += ["--vae", "pixel", "--text", "minilm", "--size", str(SIZE)]
+    argv += ["--vae", "pixel:2", "--text", "minilm", "--size", str(SIZE)]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["weights"] == str(out / "weights") and (out / "weights" / "model.safetensors").is_file()
@@ -433,7 +433,7 @@ def imported_mogle(mogle_release, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("imported_mogle")
     argv = ["import", "face-mogle", "--lora", str(mogle_release["lora"]), "--mogle", str(mogle_release["mogle"])]
     argv += ["--base", str(mogle_release["base"]), "--out", str(out), "--preset", "face-mogle-tiny"]
-    argv += ["--vae", "pixel", "--text", "minilm", "--size", str(SIZE)]
+    argv += ["--vae", "pixel:2", "--text", "minilm", "--size", str(SIZE)]
     assert main(argv) == 0
     return out
 
@@ -500,7 +500,7 @@ def test_imported_mogle_serves_initialises_training_and_writes_an_adapter(import
 def _import_mogle(tmp_path: Path, release: dict, lora: Path | None = None, mogle: Path | None = None) -> dict:
     return import_face_mogle(
         lora or release["lora"], mogle or release["mogle"], release["base"], tmp_path / "weights",
-        preset="face-mogle-tiny", vae="pixel", text="minilm", size=SIZE,
+        preset="face-mogle-tiny", vae="pixel:2", text="minilm", size=SIZE,
     )  # fmt: skip
 
 
@@ -559,5 +559,5 @@ def test_a_base_of_another_architecture_is_refused(tmp_path, mogle_release):
     with pytest.raises(ValueError, match="num_layers"):
         import_face_mogle(
             mogle_release["lora"], mogle_release["mogle"], base, tmp_path / "w", preset="face-mogle-tiny",
-            vae="pixel", text="minilm",
+            vae="pixel:2", text="minilm",
         )  # fmt: skip

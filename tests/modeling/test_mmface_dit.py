@@ -79,7 +79,7 @@ def test_xl_preset_has_the_papers_parameter_count_on_meta() -> None:
 
 
 def test_tiny_preset_fits_the_embedded_codec_and_text_encoder() -> None:
-    assert (TINY.latent_channels, TINY.text_dim, TINY.pooled_dim) == (48, 384, 384)
+    assert (TINY.latent_channels, TINY.text_dim, TINY.pooled_dim) == (12, 384, 384)
     assert describe_preset("mmface-dit-tiny")["params"] < 5e6
 
 

@@ -62,7 +62,7 @@ def test_every_record_is_written_or_rejected_with_a_reason(ray_local, broken_roo
 
 def test_rows_hold_latents_masks_and_text_for_both_models(prepared, synth_root):
     manifest = load_manifest(prepared)
-    assert manifest["targets"] == ["mmface", "mogle"] and manifest["latent_shape"] == [48, 16, 16]
+    assert manifest["targets"] == ["mmface", "mogle"] and manifest["latent_shape"] == [12, 16, 16]
     assert manifest["text_dims"] == {"seq": 384, "pooled": 384}
     rows = _rows(prepared)
     reader = open_reader("celebamask-hq", synth_root)
@@ -70,17 +70,17 @@ def test_rows_hold_latents_masks_and_text_for_both_models(prepared, synth_root):
     row = rows["10"]
     fields = manifest["fields"]
     # mask labels: nearest resize of the reader's label map
-    assert np.array_equal(decode_field(row, "mask_labels", fields["mask_labels"]), resize_labels(record.label_map, 64))
+    assert np.array_equal(decode_field(row, "mask_labels", fields["mask_labels"]), resize_labels(record.label_map, 32))
     # the pixel codec is lossless: the stored latent decodes to the resized image exactly
     latent = torch.from_numpy(decode_field(row, "image_latent", fields["image_latent"]).astype(np.float32))
-    pixels = ((torch.nn.functional.pixel_shuffle(latent[None], 4)[0] + 1) * 127.5).round().byte().permute(1, 2, 0)
-    assert np.array_equal(pixels.numpy(), resize_image(record.image, 64))
+    pixels = ((torch.nn.functional.pixel_shuffle(latent[None], 2)[0] + 1) * 127.5).round().byte().permute(1, 2, 0)
+    assert np.array_equal(pixels.numpy(), resize_image(record.image, 32))
     # 20 MoGLE condition latents: global colour mask first, then one binary mask per class
     cond = decode_field(row, "cond_latents", fields["cond_latents"]).astype(np.float32)
-    binary = (torch.nn.functional.pixel_shuffle(torch.from_numpy(cond[1:]), 4)[:, 0] > 0).numpy()
+    binary = (torch.nn.functional.pixel_shuffle(torch.from_numpy(cond[1:]), 2)[:, 0] > 0).numpy()
     labels = decode_field(row, "mask_labels", fields["mask_labels"])
     assert np.array_equal(binary, labels[None] == np.arange(19)[:, None, None])
-    assert cond.shape == (20, 48, 16, 16)
+    assert cond.shape == (20, 12, 16, 16)
     # text: one sequence per caption with its own mask, pooled vectors unit length
     k, tokens = row["n_captions"], row["text_tokens"]
     assert k == 10 and row["captions"][0]
@@ -90,7 +90,7 @@ def test_rows_hold_latents_masks_and_text_for_both_models(prepared, synth_root):
     assert seq.shape == (k, tokens, 384) and mask.shape == (k, tokens) and mask[:, 0].all()
     assert np.allclose(np.linalg.norm(pooled, axis=1), 1, atol=1e-2)
     for name in ("mask_latent", "sketch_latent"):
-        assert decode_field(row, name, fields[name]).shape == (48, 16, 16)
+        assert decode_field(row, name, fields[name]).shape == (12, 16, 16)
     assert (prepared / "null_text.safetensors").is_file()
 
 

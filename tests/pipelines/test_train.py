@@ -59,12 +59,12 @@ def test_zero2_adamw8bit_trains_resumes_by_name_and_checkpoints_serve(prepared, 
     from modeling.weights import load_into, load_weights
 
     state, config = load_weights(Path(second["checkpoint"]) / WEIGHTS_DIR, ema=True)
-    assert config["arch"] == "mmface-dit" and config["codec"]["name"] == "pixel"
+    assert config["arch"] == "mmface-dit" and config["codec"]["name"] == "pixel:2"
     model = build(MMFaceDiTConfig.from_dict(config["model"]))
     load_into(model, state)
     inputs = dict(
-        x=torch.randn(2, 48, 16, 16),
-        cond=torch.randn(2, 48, 16, 16),
+        x=torch.randn(2, 12, 16, 16),
+        cond=torch.randn(2, 12, 16, 16),
         timestep=torch.tensor([10.0, 500.0]),
         text=torch.randn(2, 5, 384),
         pooled=torch.randn(2, 384),
@@ -89,6 +89,21 @@ def test_zero2_adamw8bit_trains_resumes_by_name_and_checkpoints_serve(prepared, 
     frame = pd.DataFrame({"prompt": ["a woman with red hair"] * 2, "seed": [7, 7], "steps": [4, 4]})
     images = pyfunc.predict(frame)["image_png"]
     assert len(images) == 2 and images[0] == images[1]
+
+    # a weights folder that no run trained (what `faceforge import` writes) publishes into the "imported"
+    # experiment, and serves the same images as the checkpoint it was copied from
+    import shutil
+
+    imported = tmp_path / "released" / WEIGHTS_DIR
+    shutil.copytree(Path(second["checkpoint"]) / WEIGHTS_DIR, imported)
+    from_folder = publish(str(imported.parent))
+    assert from_folder["version"] == 2 and from_folder["checkpoint"] == str(imported.resolve())
+    client = mlflow.MlflowClient(mlflow_uri)
+    version = client.get_model_version("faceforge-mmface-dit", "2")
+    assert version.tags["step"] == "imported"
+    assert client.get_experiment(client.get_run(version.run_id).info.experiment_id).name == "imported"
+    again = mlflow.pyfunc.load_model(from_folder["model_uri"]).predict(frame)["image_png"]
+    assert again[0] == images[0]
 
 
 def test_compiled_run_resumes_in_an_eager_run(prepared, tmp_path, mlflow_uri):
@@ -167,3 +182,13 @@ def test_face_mogle_two_stages_through_the_same_entrypoint(prepared, tmp_path, m
 
     model = build_face_mogle(FaceMoGLEConfig.from_dict(config["model"]), config["base_from"])
     load_trainable(model, state)  # strict: every trainable tensor present, nothing unexpected
+
+
+def test_flux_dev_recipe_states_its_ema_choice_and_prodigy_runs_as_the_official_code():
+    from pipelines.train.loop import make_optimizer
+
+    config = load_config(CONFIGS / "face_mogle_flux_dev.yaml", ["optimizer=prodigy", "lr=1.0"])
+    assert config.ema.enabled is False  # the official recipe keeps no EMA
+    optimizer = make_optimizer(config, [torch.nn.Parameter(torch.zeros(4))])
+    assert type(optimizer).__name__ == "Prodigy"
+    assert optimizer.defaults["use_bias_correction"] and optimizer.defaults["safeguard_warmup"]

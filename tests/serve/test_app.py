@@ -105,7 +105,7 @@ def test_models_health_docs_and_a_png(server):
     mm1, mogle1 = by_name[MM]["versions"][0], by_name[MOGLE]["versions"][0]
     assert (mm1["arch"], mm1["size"], mm1["accepts"]) == (
         "mmface-dit",
-        64,
+        32,
         {"text": True, "mask": True, "sketch": True},
     )
     assert mogle1["accepts"] == {"text": True, "mask": True, "sketch": False} and mogle1["default_steps"] == 4
@@ -114,7 +114,7 @@ def test_models_health_docs_and_a_png(server):
 
     answer = post(url, {"prompt": "a person with red hair", "seed": 5, "steps": 3, "n": 2}).json()
     assert answer["seeds"] == [5, 6] and answer["model"] == f"{MM}/1" and answer["version"] == 1
-    assert [decode(i).shape for i in answer["images"]] == [(64, 64, 3)] * 2
+    assert [decode(i).shape for i in answer["images"]] == [(32, 32, 3)] * 2
     raw = post(url, {"prompt": "a person with red hair", "seed": 5, "steps": 3}, headers={"Accept": "image/png"})
     assert raw.headers["content-type"] == "image/png" and raw.headers["x-model"] == f"{MM}/1"
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(raw.content))), decode(answer["images"][0]))
@@ -126,7 +126,7 @@ def test_face_mogle_from_a_mask_and_text_only(server):
     text_only = post(url, {"model": MOGLE, "prompt": "blond hair", "seed": 1})
     assert with_mask.ok and text_only.ok, with_mask.text + text_only.text
     a, b = decode(with_mask.json()["images"][0]), decode(text_only.json()["images"][0])
-    assert a.shape == b.shape == (64, 64, 3) and not np.array_equal(a, b)  # the mask reaches the model
+    assert a.shape == b.shape == (32, 32, 3) and not np.array_equal(a, b)  # the mask reaches the model
     assert with_mask.json()["steps"] == 4  # the model's own sampler setting, recorded at training time
 
 
@@ -181,7 +181,7 @@ def test_a_mask_of_another_size_is_resized_and_colour_masks_equal_label_maps(ser
     by_colours = post(url, {**common, "mask": png_b64(labels_to_color(labels))})
     assert by_labels.ok and by_colours.ok
     assert by_labels.json()["images"] == by_colours.json()["images"]
-    assert decode(by_labels.json()["images"][0]).shape == (64, 64, 3)
+    assert decode(by_labels.json()["images"][0]).shape == (32, 32, 3)
     # a JPEG-ish colour mask: palette colours off by a few levels still read as their classes
     noisy = labels_to_color(labels).astype(int) + np.random.default_rng(1).integers(-9, 10, (128, 128, 3))
     assert post(url, {**common, "mask": png_b64(np.clip(noisy, 0, 255).astype(np.uint8))}).ok
@@ -208,7 +208,7 @@ def test_concurrent_requests_share_batches_and_images_do_not_depend_on_the_batch
     assert max(sizes) > 1, sizes
     for answer in answers:
         for image in answer.json()["images"]:
-            assert decode(image).shape == (64, 64, 3)
+            assert decode(image).shape == (32, 32, 3)
     batched = answers[0].json()
     assert batched["batch_size"] > 1, sizes
     diff = np.abs(decode(batched["images"][0]).astype(int) - decode(alone["images"][0]).astype(int))
@@ -291,7 +291,7 @@ def test_the_page_generates_a_face_from_a_prompt_and_an_uploaded_mask(server, tm
             assert page.locator("#gallery figure").count() == 2
             assert "seed 42" in page.inner_text("#gallery") and "seed 43" in page.inner_text("#gallery")
             src = page.get_attribute("#gallery figure img", "src")
-            assert decode(src.split(",", 1)[1]).shape == (64, 64, 3)
+            assert decode(src.split(",", 1)[1]).shape == (32, 32, 3)
             # painting on the canvas sends only palette colours: the server accepts the painted mask
             page.click("#palette button[data-label='13']")
             box = page.locator("#mask-canvas").bounding_box()
