@@ -204,9 +204,40 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import run_demo
+    from pipelines.demo import DemoPlan, run_demo
 
-    return run_demo(Path(args.workdir), n=args.n, steps=args.steps)
+    plan = DemoPlan()
+    for key in ("n", "mmface_steps", "base_steps", "lora_steps", "eval_n"):
+        if getattr(args, key) is not None:
+            setattr(plan, key, getattr(args, key))
+    return run_demo(Path(args.workdir), plan, serve_samples=not args.no_serve)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.target == "train-parser":
+        from pipelines.eval.parser import train_parser
+
+        if not args.out:
+            raise UserError("faceforge eval train-parser needs --out DIR (where the parser is saved)")
+        info = train_parser(args.out, size=args.size, steps=args.parser_steps, n_train=args.renders)
+        print(json.dumps(info, indent=2))
+        if not info["counts_as_judge"]:
+            print(f"faceforge: parser accuracy {info['pixel_accuracy']} < 0.95: not a judge; raise --parser-steps",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        return 0
+    if not args.target:
+        raise UserError("faceforge eval: name a run folder or checkpoint (or train-parser); see --help")
+    from pipelines.eval.run import evaluate
+
+    if not args.data or not args.parser:
+        raise UserError("faceforge eval RUN needs --data PREPARED (a synthetic dataset) and --parser DIR")
+    target = Path(args.target)
+    if not target.exists() and (Path(args.storage) / args.target).exists():
+        target = Path(args.storage) / args.target
+    result = evaluate(target, args.data, args.parser, n=args.n, steps=args.steps, guidance=args.guidance, out=args.out)
+    print(json.dumps({k: v for k, v in result.items() if k != "prompts"}, indent=2))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ parser
@@ -290,8 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides")
     train.set_defaults(func=cmd_train)
 
-    publish = sub.add_parser("publish", help="register a run's checkpoint as an MLflow model version")
-    publish.add_argument("run", help="run name (or MLflow run id)")
+    publish = sub.add_parser(
+        "publish",
+        help="register a run's checkpoint (or an imported weights folder) as an MLflow model version",
+        description="Register a checkpoint's serving weights as a version of faceforge-mmface-dit or "
+        "faceforge-face-mogle. RUN is a run name under --storage, or a weights folder written by "
+        "`faceforge import` (logged into a new run of the 'imported' experiment).",
+    )
+    publish.add_argument("run", help="run name under --storage, or a weights folder from `faceforge import`")
     publish.add_argument("--storage", default="runs", help="the runs folder (default runs)")
     publish.add_argument("--checkpoint", help="checkpoint folder (default: the run's latest)")
     publish.add_argument("--alias", help="point this alias (e.g. champion) of the registered model at the new version")
@@ -336,10 +373,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_import_parser(sub)
 
-    demo = sub.add_parser("demo", help="the whole pipeline end to end on synthetic faces, on this machine")
+    ev = sub.add_parser(
+        "eval",
+        help="score a trained model on the synthetic yardstick (mask mIoU, attribute accuracy), or train its parser",
+        description="faceforge eval RUN --data PREPARED --parser DIR: generates one face per held-out mask and "
+        "caption of a synthetic dataset, and measures mask adherence (mIoU of the synthetic parser's reading of "
+        "the image against the mask) and text adherence (each stated colour read back from the pixels of its "
+        "part), each beside its chance level and a shuffled-conditions baseline. Metrics go to the run's MLflow "
+        "run as eval/*, and to a JSON file. faceforge eval train-parser --out DIR trains the parser.",
+    )
+    ev.add_argument("target", nargs="?", help="a run folder (its newest checkpoint), a checkpoint, or train-parser")
+    ev.add_argument("--data", help="the prepared synthetic dataset (its held-out split gives the conditions)")
+    ev.add_argument("--parser", help="the synthetic parser's folder (faceforge eval train-parser)")
+    ev.add_argument("--storage", default="runs", help="where run names are looked up (default runs)")
+    ev.add_argument("--n", type=int, default=64, help="held-out faces to generate (default 64)")
+    ev.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    ev.add_argument("--guidance", type=float, help="guidance (default: the model's)")
+    ev.add_argument("--out", help="JSON file (default CHECKPOINT/eval/yardstick.json); the parser's folder for "
+                    "train-parser")  # fmt: skip
+    ev.add_argument("--size", type=int, default=32, help="train-parser: render size (default 32)")
+    ev.add_argument("--parser-steps", type=int, default=500, help="train-parser: training steps (default 500)")
+    ev.add_argument("--renders", type=int, default=4000, help="train-parser: training renders (default 4000)")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the whole pipeline end to end on synthetic faces, on this machine, and proof that it learns",
+        description="synth -> prepare -> parser -> MMFace-DiT, Face-MoGLE (2 stages) -> yardstick -> registry -> "
+        "Serve -> DEMO/report.html. Resumes: a second run reuses finished stages. Output of Ray and the trainers "
+        "goes to WORKDIR/demo.log.",
+    )
     demo.add_argument("--workdir", default="demo_out", help="where the demo writes (default demo_out)")
-    demo.add_argument("--n", type=int, default=192, help="synthetic faces (default 192)")
-    demo.add_argument("--steps", type=int, default=60, help="training steps per model (default 60)")
+    demo.add_argument("--n", type=int, help="synthetic faces (default 1000)")
+    demo.add_argument("--mmface-steps", type=int, help="MMFace-DiT training steps (default 800)")
+    demo.add_argument("--base-steps", type=int, help="Face-MoGLE base steps (default 1000)")
+    demo.add_argument("--lora-steps", type=int, help="Face-MoGLE LoRA steps (default 50)")
+    demo.add_argument("--eval-n", type=int, help="held-out faces judged per model (default 64)")
+    demo.add_argument("--no-serve", action="store_true", help="skip the Serve stage")
     demo.set_defaults(func=cmd_demo)
     return parser
 

