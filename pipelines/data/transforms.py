@@ -4,8 +4,9 @@ Resizing and mask decoupling live in ``modeling.conditions`` (serving needs the 
 
 - ``SketchExtractor``: a deterministic edge/line sketch when the layout ships none; a learned extractor
   (TorchScript, ``(1,3,H,W) in [0,1] -> (1,1,H,W)`` lines dark on white) may be loaded from a local path.
-- ``clean_caption``: strips instruction remnants and unfilled ``[placeholders]``, normalises spacing and
-  punctuation; the 77-token cap is applied where the run's tokenizer lives (the encoder actor).
+- ``clean_caption``: strips terminal escape sequences and control characters, instruction remnants and
+  unfilled ``[placeholders]``, normalises spacing and punctuation; the 77-token cap is applied where the
+  run's tokenizer lives (the encoder actor).
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ _INSTRUCTION_PREFIX = re.compile(
     r"(?:caption|description|prompt|answer|output)\s*:)\s*",
     re.IGNORECASE,
 )
+# ANSI/VT escapes as terminals and logging tools leave them in scraped text: CSI (colours, cursor moves),
+# OSC (window titles, up to BEL or ST), and the short ESC + intermediates + final forms (charset switches).
+_TERMINAL_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[ -/]*[0-~])")
+# C0/C1 controls other than whitespace, and invisible format characters (zero-width spaces, BOM, bidi marks).
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 _PLACEHOLDER = re.compile(r"\[[^\]]*\]|<[^>]*>|\{[^}]*\}")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
 _REPEATED_PUNCT = re.compile(r"([,.;:!?])(?:\s*[,.;:!?])+")
@@ -69,6 +75,7 @@ _REPEATED_PUNCT = re.compile(r"([,.;:!?])(?:\s*[,.;:!?])+")
 
 def clean_caption(text: str) -> str:
     """One caption, tidied; empty string when nothing usable is left."""
+    text = _CONTROL.sub("", _TERMINAL_ESCAPE.sub("", text))
     text = text.replace("\u00a0", " ").strip().strip("\"'")
     previous = None
     while previous != text:  # remnants can stack: "Sure! Here is a caption: Caption: ..."

@@ -35,6 +35,11 @@ def test_sketch_is_deterministic_and_draws_lines_at_edges():
         ("a man with glasses!", "A man with glasses!"),
         ("[name]", ""),
         ("   ", ""),
+        ("\x1b[31mA red\x1b[0m face\x07 with\x00 freckles", "A red face with freckles."),
+        ("\x1b]0;title\x07smiling \x1b(Bwoman\x9b", "Smiling woman."),
+        ("\ufeffa face\u200b", "A face."),
+        ("\x1b[31m\x07\x00", ""),
+        ("\x1b[1;32m[name]\x1b[m", ""),
     ],
 )
 def test_clean_caption(raw, clean):
@@ -43,3 +48,5 @@ def test_clean_caption(raw, clean):
 
 def test_clean_captions_drops_empties_and_duplicates():
     assert clean_captions(["a face", "", "A face.", "[x]", "two faces"]) == ["A face.", "Two faces."]
+    # a caption that is only terminal escapes and control characters is no caption at all
+    assert clean_captions(["\x1b[31m\x07\x00", "\x1b[0m"]) == []
