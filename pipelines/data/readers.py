@@ -30,7 +30,10 @@ Readers hold only paths and options so that they pickle cheaply to Ray workers; 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,6 +89,26 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
+
+
+def entry_problem(path: Path) -> str | None:
+    """Why the directory entry ``path`` cannot be read as a file ("is a folder", "is a broken symlink", ...);
+    None when it is a regular file, or when nothing is there at all."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"is a broken symlink (to {os.readlink(path)}, which does not exist)"
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"is a symlink loop ({exc.strerror})"
+        return f"cannot be opened ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    return None
 
 
 class DatasetReader(ABC):
@@ -201,6 +224,9 @@ class DatasetReader(ABC):
 
     def _caption_lines(self, record_id: str, path: Path) -> list[str]:
         if not path.is_file():
+            problem = entry_problem(path)
+            if problem:
+                raise RecordError(record_id, f"captions {_relative(path, self.root)} {problem}")
             return []
         try:
             text = path.read_text(encoding="utf-8")
@@ -209,16 +235,38 @@ class DatasetReader(ABC):
         return [line.strip() for line in text.splitlines() if line.strip()]
 
     def _find_image(self, record_id: str, folder: Path, what: str) -> Path | None:
-        """The single file ``folder/{record_id}.{ext}``; None if there is none, error if ambiguous."""
-        found = [folder / f"{record_id}{ext}" for ext in IMAGE_SUFFIXES if (folder / f"{record_id}{ext}").is_file()]
+        """The single file ``folder/{record_id}.{ext}`` (extension in either case); None if there is none, error
+        if ambiguous or if the entry is there but is no file (a folder, a broken or looping symlink)."""
+        found = []
+        for suffixes in (IMAGE_SUFFIXES, tuple(s.upper() for s in IMAGE_SUFFIXES)):
+            for suffix in suffixes:
+                path = folder / f"{record_id}{suffix}"
+                if path.is_file():
+                    found.append(path)
+                elif problem := entry_problem(path):
+                    raise RecordError(record_id, f"{what} {_relative(path, self.root)} {problem}")
+            if found:  # lower case first: on a case-insensitive disk the upper-case names are the same files
+                break
         if len(found) > 1:
             names = ", ".join(_relative(p, self.root) for p in found)
             raise RecordError(record_id, f"ambiguous {what}: {names}")
         return found[0] if found else None
 
+    def _no_image(self, record_id: str, folder: Path, expected: str) -> RecordError:
+        """The reject for an id whose image was not found: names what is there instead, if anything."""
+        others = sorted(e.name for e in os.scandir(folder) if os.path.splitext(e.name)[0] == record_id)
+        if others:
+            names = ", ".join(_relative(folder / name, self.root) for name in others)
+            return RecordError(
+                record_id, f"image {names}: unsupported extension (expected one of {', '.join(IMAGE_SUFFIXES)})"
+            )
+        return RecordError(record_id, f"image {expected} is missing")
+
 
 def _stems(folder: Path) -> set[str]:
-    return {p.stem for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+    # Every entry with an image name is an input, files or not: a folder or a broken link named 12.jpg is
+    # rejected by ``read`` with that name instead of silently missing from the counts.
+    return {p.stem for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
 
 
 class CelebAMaskHQReader(DatasetReader):
@@ -236,17 +284,27 @@ class CelebAMaskHQReader(DatasetReader):
             self.test_from = int(json.loads(synth_meta.read_text())["test_from"])
 
     def ids(self) -> list[str]:
-        # The official images are unpadded numbers ("123.jpg"); anything else is not a CelebA-HQ id.
-        return sorted_ids({s for s in _stems(self.root / self.IMAGE_DIR) if s.isdigit()})
+        # Inputs are the image-named entries plus any numbered entry ("13.bmp", "80.txt"): ``read`` rejects
+        # the ones that are not an official, unpadded "{n}.jpg" image, naming the file.
+        folder = self.root / self.IMAGE_DIR
+        numbered = {os.path.splitext(name)[0] for name in os.listdir(folder) if os.path.splitext(name)[0].isdigit()}
+        return sorted_ids(_stems(folder) | numbered)
 
     def part_path(self, record_id: str, part: str) -> Path:
         n = int(record_id)
         return self.root / self.MASK_DIR / str(n // self.IDS_PER_MASK_FOLDER) / f"{n:05d}_{part}.png"
 
     def read(self, record_id: str) -> FaceRecord:
-        image_path = self._find_image(record_id, self.root / self.IMAGE_DIR, "image")
+        folder = self.root / self.IMAGE_DIR
+        image_path = self._find_image(record_id, folder, "image")
         if image_path is None:
-            raise RecordError(record_id, f"image {self.IMAGE_DIR}/{record_id}.jpg is missing")
+            raise self._no_image(record_id, folder, f"{self.IMAGE_DIR}/{record_id}.jpg")
+        if not (record_id.isdigit() and str(int(record_id)) == record_id):
+            raise RecordError(
+                record_id,
+                f"image {_relative(image_path, self.root)}: not a CelebA-HQ image name "
+                "(expected an unpadded number like 123.jpg, whose masks and captions share that number)",
+            )
         image = self._image(record_id, image_path)
         return FaceRecord(
             id=record_id,
@@ -263,6 +321,9 @@ class CelebAMaskHQReader(DatasetReader):
         for label, part in enumerate(CELEBAMASK_PARTS, start=1):
             path = self.part_path(record_id, part)
             if not path.is_file():
+                problem = entry_problem(path)
+                if problem:  # a part that is there but cannot be read must not silently become background
+                    raise RecordError(record_id, f"mask part {_relative(path, self.root)} {problem}")
                 continue  # absent parts are normal: most faces have no hat
             img = self._open(record_id, path, "mask part")
             if img.mode in ("L", "1", "I", "I;16"):
@@ -316,7 +377,7 @@ class MMCelebAHQReader(DatasetReader):
     def read(self, record_id: str) -> FaceRecord:
         image_path = self._find_image(record_id, self.root / "face", "image")
         if image_path is None:
-            raise RecordError(record_id, f"image face/{record_id}.jpg is missing")
+            raise self._no_image(record_id, self.root / "face", f"face/{record_id}.jpg")
         image = self._image(record_id, image_path)
         mask_path = self._find_image(record_id, self.root / "mask", "mask")
         if mask_path is None:
@@ -346,7 +407,7 @@ class MMFaceReader(DatasetReader):
     def read(self, record_id: str) -> FaceRecord:
         image_path = self._find_image(record_id, self.root / "images", "image")
         if image_path is None:
-            raise RecordError(record_id, f"image images/{record_id}.<jpg|png> is missing")
+            raise self._no_image(record_id, self.root / "images", f"images/{record_id}.<jpg|png>")
         image = self._image(record_id, image_path)
         mask_path = self._find_image(record_id, self.root / "masks", "mask")
         sketch_path = self._find_image(record_id, self.root / "sketches", "sketch")
@@ -409,7 +470,7 @@ class FolderReader(DatasetReader):
     def read(self, record_id: str) -> FaceRecord:
         image_path = self._find_image(record_id, self.root, "image")
         if image_path is None:
-            raise RecordError(record_id, f"image {record_id}.<jpg|jpeg|png|webp> is missing")
+            raise self._no_image(record_id, self.root, f"{record_id}.<jpg|jpeg|png|webp>")
         image = self._image(record_id, image_path)
         mask_path = self._find_image(record_id, self.root / "masks", "mask")
         sketch_path = self._find_image(record_id, self.root / "sketches", "sketch")

@@ -219,3 +219,86 @@ def folder_dataset(tmp_path: Path) -> BuiltDataset:
     save_png(root / "erin.png", random_image(rng, 32, 32))
     built.bad["erin"] = "ambiguous"
     return built
+
+
+NO_CAPTION = "no usable caption"  # rejected by prepare after caption cleaning, not by the reader
+
+
+def damage_celebamask(root: Path) -> dict[str, str | None]:
+    """Breaks a synthetic CelebAMask-HQ copy (ids 8..40 must exist) in every way a dataset on disk breaks.
+
+    Returns what each touched id must become: ``None`` = written, else a fragment its reject reason must
+    contain (the damaged file's name, or what was wrong). Untouched ids must simply be written.
+    """
+    images, masks, captions = root / "CelebA-HQ-img", root / "CelebAMask-HQ-mask-anno" / "0", root / "celeba-caption"
+    expected: dict[str, str | None] = {}
+
+    def part(n: int, name: str = "skin") -> Path:
+        return masks / f"{n:05d}_{name}.png"
+
+    def replace_with_dir(path: Path) -> None:
+        path.unlink()
+        path.mkdir()
+
+    def replace_with_link(path: Path, target: str) -> None:
+        path.unlink()
+        path.symlink_to(target)
+
+    # images
+    (images / "8.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    expected["8"] = "CelebA-HQ-img/8.jpg is unreadable"
+    (images / "9.jpg").write_bytes(b"")
+    expected["9"] = "CelebA-HQ-img/9.jpg is unreadable"
+    replace_with_dir(images / "10.jpg")
+    expected["10"] = "CelebA-HQ-img/10.jpg is a folder"
+    replace_with_link(images / "11.jpg", "gone.jpg")
+    expected["11"] = "CelebA-HQ-img/11.jpg is a broken symlink"
+    replace_with_link(images / "12.jpg", "12.jpg")
+    expected["12"] = "CelebA-HQ-img/12.jpg is a symlink loop"
+    (images / "13.jpg").rename(images / "13.bmp")
+    expected["13"] = "CelebA-HQ-img/13.bmp"
+    (images / "14.jpg").rename(images / "14.JPG")  # an upper-case extension is still a JPEG
+    expected["14"] = None
+    Image.open(images / "15.jpg").save(images / "15.png")
+    expected["15"] = "ambiguous"
+    (images / "016.jpg").write_bytes((images / "16.jpg").read_bytes())  # the same face again, under a padded id
+    expected["016"] = "CelebA-HQ-img/016.jpg"
+    expected["16"] = None
+    Image.open(images / "17.jpg").save(images / "17.jpg", format="PNG")  # PNG bytes behind a .jpg name
+    expected["17"] = None
+    (images / "80.txt").write_text("not an image")
+    expected["80"] = "CelebA-HQ-img/80.txt"
+    (images / "cover.jpg").write_bytes((images / "18.jpg").read_bytes())
+    expected["cover"] = "CelebA-HQ-img/cover.jpg"
+    # mask parts
+    part(19).write_bytes(b"")
+    expected["19"] = "00019_skin.png is unreadable"
+    data = part(20).read_bytes()
+    part(20).write_bytes(data[: len(data) // 2])
+    expected["20"] = "00020_skin.png is unreadable"
+    replace_with_dir(part(21))
+    expected["21"] = "00021_skin.png is a folder"
+    replace_with_link(part(22), "missing_skin.png")
+    expected["22"] = "00022_skin.png is a broken symlink"
+    replace_with_link(part(23), part(23).name)
+    expected["23"] = "00023_skin.png is a symlink loop"
+    Image.open(part(24, "nose")).resize((32, 32)).save(part(24, "nose"))
+    expected["24"] = "00024_nose.png is 32x32"
+    Image.open(part(25)).resize((64, 32)).save(part(25))
+    expected["25"] = "aspect"
+    # captions
+    (captions / "26.txt").write_text("")
+    expected["26"] = NO_CAPTION
+    (captions / "27.txt").write_bytes(b"\xff\xfe\x00\xd8 not utf-8")
+    expected["27"] = "celeba-caption/27.txt unreadable"
+    replace_with_dir(captions / "28.txt")
+    expected["28"] = "celeba-caption/28.txt is a folder"
+    replace_with_link(captions / "29.txt", "nowhere.txt")
+    expected["29"] = "celeba-caption/29.txt is a broken symlink"
+    (captions / "30.txt").write_text("\x1b[31m\x07\x00\n\x1b[0m\n   \n")
+    expected["30"] = NO_CAPTION
+    (captions / "31.txt").unlink()
+    expected["31"] = NO_CAPTION
+    (captions / "32.txt").write_text("\x1b[1;31mA face\x1b[0m with\x00 red hair\x07\n")
+    expected["32"] = None
+    return expected

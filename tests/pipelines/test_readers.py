@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -18,8 +19,9 @@ from pipelines.data.readers import (
     check_dataset,
     open_reader,
 )
+from pipelines.data.transforms import clean_captions
 
-from .conftest import BuiltDataset, save_jpeg, save_png
+from .conftest import NO_CAPTION, BuiltDataset, damage_celebamask, save_jpeg, save_png
 
 
 def reference_merge(parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -138,6 +140,37 @@ def test_reader_and_errors_pickle_for_ray_workers(celebamask_dataset: BuiltDatas
     err = pickle.loads(pickle.dumps(caught.value))
     assert (err.record_id, err.reason) == ("6", caught.value.reason)
     assert "6" in str(err) and "no mask parts" in str(err)
+
+
+def test_celebamask_every_damaged_entry_is_an_id_read_or_rejected_naming_the_file(synth_root, tmp_path) -> None:
+    """Folders, broken links, link loops, wrong extensions and padded duplicates in the image folder are inputs
+    too: each is listed as an id and rejected with the file's name, never silently skipped."""
+    root = tmp_path / "faces"
+    shutil.copytree(synth_root, root, symlinks=True)
+    expected = damage_celebamask(root)
+    reader = open_reader("celebamask-hq", root)
+    n = len(list((synth_root / "CelebA-HQ-img").iterdir()))
+    assert set(reader.ids()) == {str(i) for i in range(n)} | {"016", "80", "cover"}
+    good, bad = read_all(reader)
+    assert set(good) | set(bad) == set(reader.ids()) and not set(good) & set(bad)
+    assert set(bad) == {i for i, fragment in expected.items() if fragment not in (None, NO_CAPTION)}
+    for record_id, fragment in expected.items():
+        if fragment == NO_CAPTION:
+            assert clean_captions(good[record_id].captions) == []
+        elif fragment is not None:
+            assert fragment in bad[record_id].reason, (record_id, bad[record_id].reason)
+    report = check_dataset(reader)
+    assert report["n_ids"] == report["n_ok"] + report["n_bad"] == n + 3
+
+
+def test_celebamask_part_that_cannot_be_opened_rejects_instead_of_going_missing(synth_root, tmp_path) -> None:
+    root = tmp_path / "faces"
+    shutil.copytree(synth_root, root, symlinks=True)
+    hair = root / "CelebAMask-HQ-mask-anno" / "0" / "00002_hair.png"
+    hair.unlink()
+    hair.symlink_to(hair.name)
+    with pytest.raises(RecordError, match=r"mask part CelebAMask-HQ-mask-anno/0/00002_hair.png is a symlink loop"):
+        open_reader("celebamask-hq", root).read("2")
 
 
 # ---- mmcelebahq ------------------------------------------------------------------------------
