@@ -16,6 +16,8 @@ from pipelines.cli import main
 from pipelines.data.prepare import DONE_DIR, PrepareOptions, decode_field, inspect_field, load_manifest, prepare
 from pipelines.data.readers import open_reader
 
+from .conftest import damage_celebamask
+
 
 def _rows(out: Path) -> dict[str, dict]:
     manifest = load_manifest(out)
@@ -27,8 +29,8 @@ def _rows(out: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def broken_root(synth_root, tmp_path_factory) -> Path:
-    """The synthetic faces with one fault of each kind the issue names."""
+def broken_root(synth_root, tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
+    """The synthetic faces with one fault of each kind the issues name, and what each damaged id must become."""
     root = tmp_path_factory.mktemp("broken") / "faces"
     shutil.copytree(synth_root, root)
     image_dir, mask_dir, caption_dir = root / "CelebA-HQ-img", root / "CelebAMask-HQ-mask-anno", root / "celeba-caption"
@@ -42,19 +44,26 @@ def broken_root(synth_root, tmp_path_factory) -> Path:
 
     for part in (mask_dir / "0").glob("00007_*.png"):  # masks with another aspect ratio than the image
         Image.open(part).resize((64, 32)).save(part)
-    return root
+    expected = {"3": "unreadable", "4": "no mask parts", "5": "00005_skin.png", "6": "caption", "7": "aspect"}
+    return root, {**expected, **damage_celebamask(root)}
 
 
 def test_every_record_is_written_or_rejected_with_a_reason(ray_local, broken_root, tmp_path):
+    root, expected = broken_root
     out = tmp_path / "out"
-    manifest = prepare(PrepareOptions(layout="celebamask-hq", root=str(broken_root), out=str(out)), progress=False)
+    manifest = prepare(PrepareOptions(layout="celebamask-hq", root=str(root), out=str(out)), progress=False)
     counts = manifest["counts"]
-    assert counts["n_input"] == 72 == counts["n_written"] + counts["n_rejected"]
+    # the 72 faces plus the 3 extra entries in the image folder (016.jpg, 80.txt, cover.jpg): none vanishes
+    assert counts["n_input"] == 75 == counts["n_written"] + counts["n_rejected"]
     rejects = {r["id"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
-    assert set(rejects) == {"3", "4", "5", "6", "7"}
-    assert "caption" in rejects["6"] and "aspect" in rejects["7"]
+    assert set(rejects) == {i for i, fragment in expected.items() if fragment is not None}
+    for record_id, fragment in expected.items():
+        if fragment is not None:
+            assert fragment in rejects[record_id], (record_id, rejects[record_id])
     rows = _rows(out)
     assert set(rows).isdisjoint(rejects) and len(rows) == counts["n_written"]
+    assert set(rows) | set(rejects) == {str(i) for i in range(72)} | {"016", "80", "cover"}
+    assert rows["32"]["captions"] == ["A face with red hair."]  # terminal colours and control bytes cleaned away
     for split, split_counts in counts["splits"].items():
         assert split_counts["n_input"] == split_counts["n_written"] + split_counts["n_rejected"]
         assert all(rows[i]["split"] == split for i in rows if rows[i]["split"] == split)
