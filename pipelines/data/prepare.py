@@ -34,6 +34,12 @@ SCHEMA_VERSION = 1
 TARGETS = ("mmface", "mogle")
 DONE_DIR = ".done"
 NULL_FILE = "null_text.safetensors"
+MANIFEST_KEYS = frozenset({"schema_version", "shards", "fields", "counts", "latent_shape", "text_dims", "size"})
+NULL_KEYS = frozenset({"seq", "mask", "pooled", "blank_latent"})
+# What fixes a damaged prepared folder: prepare checks finished shards and the null file, and redoes damaged ones.
+REPREPARE = (
+    "re-run `faceforge data prepare` with the same options and --out (damaged shards are redone, intact ones kept)"
+)
 
 
 @dataclass(frozen=True)
@@ -345,14 +351,17 @@ def write_nulls(out: Path, codec, text, size: int) -> None:
     """What dropped conditions become during training: the empty caption's embedding, and the codec's latent
     of an all-black image (a dropped MoGLE local mask looks like an absent class, as at inference). Written
     (atomically) unless a complete file is there."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
     target = out / NULL_FILE
-    if target.exists():
-        with safe_open(str(target), framework="pt") as f:
-            if "blank_latent" in f.keys():
-                return
+    if target.is_file():
+        try:
+            with safe_open(str(target), framework="pt") as f:
+                if NULL_KEYS <= set(f.keys()):
+                    return
+        except (OSError, SafetensorError):
+            pass  # damaged: written again below
     emb = text.encode([""])
     black = torch_from(-np.ones((1, size, size, 3), np.float32))
     tensors = {"seq": emb.seq[0], "mask": emb.mask[0], "pooled": emb.pooled[0], "blank_latent": codec.encode(black)[0]}
@@ -381,8 +390,7 @@ def prepare(
     plans = plan_shards(ids_by_split, options.rows_per_shard)
     codec_info, text_info, latent_shape, text_dims = _describe_components(options)
 
-    done_dir = out / "shards" / DONE_DIR
-    pending = [p for p in plans if not (done_dir / f"{p.name}.json").exists()]
+    pending = [p for p in plans if not shard_finished(out, p.name)]
     if pending:
         ensure_ray()
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -408,6 +416,52 @@ def prepare(
         bar.close()
 
     return build_manifest(options, plans, codec_info, text_info, latent_shape, text_dims)
+
+
+def shard_problem(path: Path, rows: int, columns: tuple[str, ...] | list[str] = ()) -> str | None:
+    """What is wrong with a written shard, judged from its Parquet footer alone (cheap); None when it looks intact.
+    A damaged footer (truncated or overwritten file) is what pyarrow reports as "magic bytes not found"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_metadata(path)
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, pa.ArrowException) as error:
+        return f"is not a readable Parquet file ({error})"
+    if metadata.num_rows != rows:
+        return f"holds {metadata.num_rows} rows, the manifest says {rows}"
+    missing = [c for c in columns if c not in metadata.schema.to_arrow_schema().names]
+    if missing:
+        return f"lacks the column(s) {', '.join(missing)}"
+    return None
+
+
+def shard_finished(out: Path, name: str) -> bool:
+    """A shard whose done marker is readable and whose file (if it wrote one) is intact; anything else is redone."""
+    try:
+        stats = json.loads((out / "shards" / DONE_DIR / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(stats, dict) or "n_written" not in stats:
+        return False
+    return not stats.get("file") or shard_problem(out / "shards" / stats["file"], stats["n_written"]) is None
+
+
+def verify_prepared(out: str | Path, manifest: dict, split: str, columns: tuple[str, ...] | list[str] = ()) -> None:
+    """Pre-flight before training: every shard of ``split`` opens as Parquet with the manifest's row count and the
+    needed ``columns``. Raises ``ValueError`` naming the file and the fix, before any worker starts."""
+    out = Path(out)
+    shards = [s for s in manifest["shards"] if s["split"] == split]
+    if not shards:
+        there = ", ".join(sorted({s["split"] for s in manifest["shards"]})) or "none"
+        raise ValueError(f"{out}: no '{split}' shards in manifest.json (data.split; it has: {there})")
+    for shard in shards:
+        path = out / "shards" / shard["file"]
+        problem = shard_problem(path, shard["rows"], columns)
+        if problem:
+            raise ValueError(f"{path}: {problem}; {REPREPARE}")
 
 
 def build_manifest(options, plans, codec_info, text_info, latent_shape, text_dims) -> dict:
@@ -461,7 +515,13 @@ def load_manifest(out: str | Path) -> dict:
     path = Path(out) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; run `faceforge data prepare ... --out {out}` first")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not readable JSON ({error}); {REPREPARE}") from None
+    missing = MANIFEST_KEYS - set(manifest) if isinstance(manifest, dict) else MANIFEST_KEYS
+    if missing:
+        raise ValueError(f"{path}: not a faceforge manifest (no {', '.join(sorted(missing))}); {REPREPARE}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(
             f"{path}: schema version {manifest.get('schema_version')}, this faceforge reads {SCHEMA_VERSION}; "

@@ -118,6 +118,9 @@ def test_rerun_skips_finished_shards_and_an_interrupted_run_ends_the_same(prepar
         (interrupted / "shards" / DONE_DIR / f"{shard.stem}.json").unlink()
         shard.unlink()
     (interrupted / "shards" / f"{shards[1].stem}.parquet.tmp123").write_bytes(b"half a file")
+    # damaged since it finished: a truncated shard (done marker intact) and a garbled null file are redone
+    shards[0].write_bytes(shards[0].read_bytes()[:1000])
+    (interrupted / "null_text.safetensors").write_bytes(b"\xff" * 64)
     (interrupted / "manifest.json").unlink()
     (interrupted / "rejects.jsonl").unlink()
     resumed = prepare(PrepareOptions(**{**manifest["options"], "out": str(interrupted)}), progress=False)
@@ -125,6 +128,7 @@ def test_rerun_skips_finished_shards_and_an_interrupted_run_ends_the_same(prepar
     original, redone = _rows(prepared), _rows(interrupted)
     assert original.keys() == redone.keys()
     assert all(original[i] == redone[i] for i in original)
+    assert (interrupted / "null_text.safetensors").read_bytes() == (prepared / "null_text.safetensors").read_bytes()
 
 
 def test_cli_check_inspect_and_errors(prepared, synth_root, tmp_path, capsys):
