@@ -173,17 +173,28 @@ def leave_cpu_headroom(config: TrainConfig) -> None:
         config.scaling.cpus_per_worker = shrunk
 
 
+def check_prepared_data(config: TrainConfig) -> dict:
+    """The driver's pre-flight, before Ray, MLflow or any worker: the manifest parses, the null conditions load
+    and every shard of the split has a readable footer with the manifest's row count and the task's columns.
+    A damaged file is a ``ValueError`` (or ``FileNotFoundError``) naming it and the fix; returns the manifest."""
+    from pipelines.data.prepare import load_manifest, verify_prepared
+    from pipelines.train.task import NullText
+    from pipelines.train.tasks import make_task
+
+    manifest = load_manifest(config.data.path)
+    NullText.load(config.data.path)
+    verify_prepared(config.data.path, manifest, config.data.split, make_task(config, manifest).columns)
+    return manifest
+
+
 def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Runs (or resumes) training; returns a summary with the final checkpoint path and MLflow run id.
     ``on_progress(step, max_steps)`` is called from a watcher thread as rank 0 advances."""
     from mlflow import MlflowClient
 
-    from pipelines.data.prepare import load_manifest
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.train.task import NullText
 
-    manifest = load_manifest(config.data.path)
-    NullText.load(config.data.path)  # the null conditions must be there before any worker starts
+    manifest = check_prepared_data(config)
     config.data.path = str(Path(config.data.path).resolve())
     for key in ("init_from", "base_from"):
         value = getattr(config.model, key)
@@ -199,10 +210,10 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
     leave_cpu_headroom(config)
     uri, run_id, resumed = open_mlflow_run(config, manifest, run_dir)
     print(f"[faceforge] MLflow run {run_id} ({'continued' if resumed else 'new'}) at {uri}", flush=True)
-    trainer = build_trainer(config, manifest, {"tracking_uri": uri, "run_id": run_id, "run_dir": str(run_dir)})
     client = MlflowClient(uri)
     watcher = ProgressWatcher(run_dir, on_progress) if on_progress else None
     try:
+        trainer = build_trainer(config, manifest, {"tracking_uri": uri, "run_id": run_id, "run_dir": str(run_dir)})
         result = trainer.fit()
     except Exception:
         client.set_terminated(run_id, status="FAILED")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.data.prepare import NULL_FILE, decode_tensor
+from pipelines.data.prepare import NULL_FILE, NULL_KEYS, REPREPARE, decode_tensor
 from pipelines.train.config import TrainConfig
 
 # Shard columns each architecture reads (nothing else is read from Parquet).
@@ -64,12 +64,18 @@ class NullText:
 
     @classmethod
     def load(cls, data_dir: str | Path) -> NullText:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = Path(data_dir) / NULL_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; re-run `faceforge data prepare` on this dataset")
-        tensors = load_file(str(path))
+            raise FileNotFoundError(f"{path}: missing; {REPREPARE}")
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({error}); {REPREPARE}") from None
+        if NULL_KEYS - {"blank_latent"} - set(tensors):
+            raise ValueError(f"{path}: lacks {', '.join(sorted(NULL_KEYS - set(tensors)))}; {REPREPARE}")
         if "blank_latent" not in tensors:
             raise ValueError(
                 f"{path}: written by an older faceforge (no blank_latent); re-run `faceforge data prepare` with the "

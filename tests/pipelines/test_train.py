@@ -6,8 +6,10 @@ Real Ray, real DeepSpeed, real MLflow on SQLite; tiny models on the synthetic fa
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,8 +94,6 @@ def test_zero2_adamw8bit_trains_resumes_by_name_and_checkpoints_serve(prepared, 
 
     # a weights folder that no run trained (what `faceforge import` writes) publishes into the "imported"
     # experiment, and serves the same images as the checkpoint it was copied from
-    import shutil
-
     imported = tmp_path / "released" / WEIGHTS_DIR
     shutil.copytree(Path(second["checkpoint"]) / WEIGHTS_DIR, imported)
     from_folder = publish(str(imported.parent))
@@ -192,3 +192,51 @@ def test_flux_dev_recipe_states_its_ema_choice_and_prodigy_runs_as_the_official_
     optimizer = make_optimizer(config, [torch.nn.Parameter(torch.zeros(4))])
     assert type(optimizer).__name__ == "Prodigy"
     assert optimizer.defaults["use_bias_correction"] and optimizer.defaults["safeguard_warmup"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def _swap_first_shard_for_last(data: Path) -> None:
+    shards = [s["file"] for s in json.loads((data / "manifest.json").read_text())["shards"] if s["split"] == "train"]
+    shutil.copyfile(data / "shards" / shards[-1], data / "shards" / shards[0])
+
+
+DAMAGES = {
+    "truncated shard": (lambda data: _truncate(data / "shards" / "train-00000.parquet"), "train-00000.parquet"),
+    "garbled shard": (lambda data: _garble(data / "shards" / "train-00001.parquet"), "train-00001.parquet"),
+    "shard missing": (lambda data: (data / "shards" / "train-00001.parquet").unlink(), "train-00001.parquet"),
+    "shard rows differ": (_swap_first_shard_for_last, "train-00000.parquet"),
+    "manifest not JSON": (lambda data: _truncate(data / "manifest.json"), "manifest.json"),
+    "manifest not an object": (lambda data: (data / "manifest.json").write_text("[]"), "manifest.json"),
+    "null text missing": (lambda data: (data / "null_text.safetensors").unlink(), "null_text.safetensors"),
+    "null text garbled": (lambda data: _garble(data / "null_text.safetensors"), "null_text.safetensors"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_prepared_data_is_refused_in_one_line_before_training(prepared, tmp_path, mlflow_uri, capsys, damage):
+    from mlflow import MlflowClient
+
+    from pipelines.cli import main
+
+    data = tmp_path / "prepared"
+    shutil.copytree(prepared, data)
+    apply, file_name = DAMAGES[damage]
+    apply(data)
+    overrides = [f"data={data}", f"storage={tmp_path / 'runs'}", "max_steps=1", "workers=1", "scaling.max_failures=0"]
+    assert main(["train", str(CONFIGS / "mmface_dit_tiny.yaml"), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("faceforge: error: ")]
+    assert len(errors) == 1, err
+    assert file_name in errors[0] and "faceforge data prepare" in errors[0], errors[0]
+    assert not (tmp_path / "runs").exists()  # refused before any worker (or checkpoint folder) started
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert all(run.info.status != "RUNNING" for run in runs)
