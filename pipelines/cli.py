@@ -481,9 +481,22 @@ def add_import_parser(sub) -> None:
     mogle.set_defaults(func=cmd_import)
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's stop) ends a command like Ctrl-C: the same cleanup, the same message."""
+    import signal
+    import threading
+
+    def stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _interrupt_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError) as error:
@@ -491,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"faceforge: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("faceforge: interrupted", file=sys.stderr)
+        print("faceforge: interrupted; nothing is left running (a training run resumes with the same command)",
+              file=sys.stderr)  # fmt: skip
         return 130
 
 

@@ -39,6 +39,7 @@ class ModelSection:
     init_from: str | None = None  # checkpoint folder whose weights initialise the model (512 from 256, ...)
     base_from: str | None = None  # face-mogle lora on a tiny base: the base run's checkpoint folder
     options: dict = field(default_factory=dict)  # architecture extras (e.g. text_rope, MoGLE ablation)
+    any_size: bool = False  # train on data of another resolution than the preset is meant for, on purpose
     # how the trained model samples when served (recorded with its weights); None: the architecture's paper
     # setting (MMFace-DiT 50 steps, CFG 7.5; Face-MoGLE 28 steps, guidance 3.5)
     sample_steps: int | None = None

@@ -8,6 +8,7 @@ the shards with Ray Data and starts the workers. Re-running with the same ``run.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -193,8 +194,10 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
     from mlflow import MlflowClient
 
     from pipelines.ray_runtime import ensure_ray
+    from pipelines.train.preflight import check_cluster_can_place, preflight
 
     manifest = check_prepared_data(config)
+    preflight(config, manifest)
     config.data.path = str(Path(config.data.path).resolve())
     for key in ("init_from", "base_from"):
         value = getattr(config.model, key)
@@ -207,6 +210,7 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
         )
     run_dir = Path(config.run.storage).resolve() / config.run.name
     ensure_ray()
+    check_cluster_can_place(config, local=not os.environ.get("RAY_ADDRESS"))
     leave_cpu_headroom(config)
     uri, run_id, resumed = open_mlflow_run(config, manifest, run_dir)
     print(f"[faceforge] MLflow run {run_id} ({'continued' if resumed else 'new'}) at {uri}", flush=True)
@@ -215,6 +219,9 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
     try:
         trainer = build_trainer(config, manifest, {"tracking_uri": uri, "run_id": run_id, "run_dir": str(run_dir)})
         result = trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into one): the run was stopped, not broken
+        client.set_terminated(run_id, status="KILLED")
+        raise
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
