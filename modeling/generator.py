@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from modeling.checkpoints import resolve_checkpoint
 from modeling.checkpoints import weights_dir as find_weights_dir
 from modeling.conditions import grey_to_rgb, labels_to_color, mogle_condition_images, resize_image, resize_labels
 from modeling.weights import CONFIG_FILE, EMA_FILE, load_weights
@@ -86,7 +87,7 @@ class FaceGenerator:
         from modeling.codecs import load_codec
         from modeling.text_encoders import load_text_encoder
 
-        folder = find_weights_dir(weights_dir)
+        folder = find_weights_dir(resolve_checkpoint(weights_dir))  # a checkpoint's files match its manifest
         if weights not in ("auto", "ema", "raw"):
             raise ValueError(f"weights={weights!r}: choose ema, raw or auto")
         has_ema = (folder / EMA_FILE).is_file()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -28,12 +29,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from modeling.checkpoints import (
+    MANIFEST_FORMAT,
     STATE_FILE,
     WEIGHTS_DIR,
-    checkpoint_step,
+    checkpoint_name,
+    file_records,
+    is_complete,
     newest_complete,
+    no_space_left,
     rank_marker,
+    stale_checkpoints,
     weights_dir,
+    write_manifest,
 )
 from pipelines.train.config import TrainConfig, config_from_dict
 from pipelines.train.task import NullText, Task
@@ -204,17 +211,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ema = EMA([n for n, _ in named], params, decay=config.ema.decay, warmup=config.ema.warmup)
 
     step, epoch = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    # Ray's latest checkpoint can lag the run folder: a worker that dies right after a report may take
-    # the controller down before it registered that report. Resume from whichever is newer (every rank
-    # reads the same shared run folder, so all pick the same one).
-    on_disk = newest_complete(loop_config["run_dir"]) if loop_config.get("run_dir") else None
+    source = resume_point(loop_config.get("run_dir"), rank)
+    checkpoint = ray.train.get_checkpoint() if source is None else None
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as from_ray:
-        candidates = [Path(d) for d in (from_ray, on_disk) if d is not None]
-        if candidates:
-            step, epoch = restore(engine, ema, max(candidates, key=checkpoint_step))
-    if candidates and rank == 0:
-        print(f"[faceforge] resumed from step {step} (epoch {epoch})", flush=True)
+        if source is None and from_ray is not None and is_complete(Path(from_ray)):
+            source = Path(from_ray)
+        if source is not None:
+            step, epoch = restore(engine, ema, source)
+    if source is not None and rank == 0:
+        print(f"[faceforge] resumed from {source.name}: step {step} (epoch {epoch})", flush=True)
 
     metrics = MetricBuffer(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
     global_batch = config.data.batch_size * config.data.grad_accum * world
@@ -297,7 +302,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 log_sample_grid(task, config, ema, holdout, null, step, metrics, device)
             if step % config.checkpoint.every == 0 or step == config.train.max_steps:
                 save_and_report(
-                    engine, ema, task, params, config, step, epoch, rank, metrics, stats_for_report(metrics)
+                    engine,
+                    ema,
+                    task,
+                    params,
+                    config,
+                    step,
+                    epoch,
+                    rank,
+                    metrics,
+                    stats_for_report(metrics),
+                    loop_config.get("run_dir"),
                 )
         if not got_batch:
             raise RuntimeError(
@@ -379,32 +394,82 @@ def _maybe_inject_fault(config: TrainConfig, loop_config: dict, rank: int, step:
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_and_report(engine, ema, task: Task, params, config, step, epoch, rank, metrics, report_metrics) -> None:
+def resume_point(run_dir: str | None, rank: int) -> Path | None:
+    """The newest checkpoint of the run folder whose files all match their manifest, chosen by rank 0 and
+    shared with every rank (the others would only repeat its reading of the same shared folder).
+
+    The run folder comes before Ray's own latest checkpoint: Ray's can lag it (a worker that dies right after
+    a report may take the controller down before it registered that report) or be the damaged one."""
+    import torch.distributed as dist
+
+    chosen = [newest_complete(run_dir, deep=True) if rank == 0 and run_dir else None]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
+def save_and_report(
+    engine, ema, task: Task, params, config, step, epoch, rank, metrics, report_metrics, run_dir: str | None
+) -> None:
+    """Every rank stages its files and hands them to ``ray.train.report``, which copies them into
+    ``run_dir/checkpoint_NNNNNN``; once all ranks' copies are in, rank 0 writes the manifest and rotates."""
     import ray.train
     import torch.distributed as dist
 
+    name = checkpoint_name(step)
+    target = Path(run_dir) / name if run_dir else None
+    if rank == 0 and target is not None and target.exists():
+        # this step's folder from an abandoned attempt: its stale manifest must not vouch for the new files
+        shutil.rmtree(target)
     with tempfile.TemporaryDirectory(prefix="faceforge-ckpt-") as tmp:
         directory = Path(tmp)
-        engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
-        (directory / rank_marker(rank)).touch()
-        with gathered(params, config.train.zero_stage):
+        with no_space_left(directory):
+            engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+            (directory / rank_marker(rank)).touch()
+            with gathered(params, config.train.zero_stage):
+                if rank == 0:
+                    trainable = {
+                        n: p.detach().float().cpu() for n, p in engine.module.named_parameters() if p.requires_grad
+                    }
+                    save_serving_weights(directory / WEIGHTS_DIR, task, engine.module, trainable, ema)
             if rank == 0:
-                trainable = {
-                    n: p.detach().float().cpu() for n, p in engine.module.named_parameters() if p.requires_grad
+                state = {
+                    "step": step,
+                    "epoch": epoch + 1,
+                    "ema_updates": ema.num_updates if ema else 0,
+                    "world": dist.get_world_size(),
+                    "manifest": MANIFEST_FORMAT,
                 }
-                save_serving_weights(directory / WEIGHTS_DIR, task, engine.module, trainable, ema)
-        if rank == 0:
-            state = {
-                "step": step,
-                "epoch": epoch + 1,
-                "ema_updates": ema.num_updates if ema else 0,
-                "world": dist.get_world_size(),
-            }
-            (directory / STATE_FILE).write_text(json.dumps(state))
+                (directory / STATE_FILE).write_text(json.dumps(state))
+        records = file_records(directory)
+        every_rank = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(records, every_rank, dst=0)
         dist.barrier()
-        ray.train.report({**report_metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        try:
+            with no_space_left(target or "the run's storage"):
+                ray.train.report(
+                    {**report_metrics, "step": step},
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=name,
+                )
+        except OSError:
+            if target is not None:
+                shutil.rmtree(target, ignore_errors=True)  # a partial copy only takes the space a retry needs
+            raise
+    dist.barrier()  # every rank's files are in the run folder
+    if rank == 0 and target is not None:
+        finish_checkpoint(target, [r for part in every_rank for r in part], config.checkpoint.keep)
     if metrics is not None:
         metrics.flush()
+
+
+def finish_checkpoint(target: Path, records: list[dict], keep: int) -> None:
+    """Rank 0, once every rank's files are in ``target``: the manifest that makes it complete, written last,
+    then rotation down to ``keep`` complete checkpoints."""
+    write_manifest(target, records)
+    for stale in stale_checkpoints(target.parent, keep):
+        if not is_complete(stale):
+            print(f"[faceforge] removing {stale.name}: an unfinished checkpoint older than {target.name}", flush=True)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_serving_weights(directory: Path, task: Task, model, trainable: dict, ema) -> None:

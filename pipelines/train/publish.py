@@ -65,7 +65,9 @@ def publish(run: str, storage: str = "runs", checkpoint: str | None = None, alia
         ckpt, step, run_id = weights, "imported", _imported_run(client, weights, config)
     else:
         run_dir = (Path(storage) / run).resolve()
-        ckpt = resolve_checkpoint(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+        # every file checked against its manifest's sha256: a damaged checkpoint named here is refused, and the
+        # run's newest damaged ones are passed over (each reported) for the newest intact one
+        ckpt = resolve_checkpoint(checkpoint, deep=True) if checkpoint else latest_checkpoint(run_dir, deep=True)
         weights = ckpt / WEIGHTS_DIR
         config = read_weights_config(weights)
         run_id = mlflow_run_of(run_dir, uri)

@@ -13,11 +13,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from modeling.checkpoints import resolve_checkpoint
+from modeling.checkpoints import checkpoint_step, newest_complete, resolve_checkpoint
 from pipelines.train.config import TrainConfig, dump_config, load_config
 from serve.settings import tracking_uri
 
 RUN_TAG = "faceforge.run_name"
+# Ray Train V2's list of the checkpoints it registered, kept in the run folder and read back on a resume
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def artifact_location(uri: str) -> str | None:
@@ -139,7 +141,9 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
             if "://" not in config.run.storage
             else config.run.storage,
             failure_config=FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            # rank 0 rotates (checkpoint.keep) once a checkpoint's manifest is written: Ray would count
+            # checkpoints by its reports alone, even one that never became complete
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
         datasets={"train": dataset},
     )
@@ -209,6 +213,10 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
             "run (e.g. base_from=runs/flux-base-tiny) or a local diffusers FLUX folder"
         )
     run_dir = Path(config.run.storage).resolve() / config.run.name
+    resume = newest_complete(run_dir)  # reports each newer checkpoint it passes over, and why
+    set_aside_unusable_ray_snapshot(run_dir, resume)
+    if resume is not None:
+        print(f"[faceforge] resuming from {resume.name} (step {checkpoint_step(resume)})", file=sys.stderr)
     ensure_ray()
     check_cluster_can_place(config, local=not os.environ.get("RAY_ADDRESS"))
     leave_cpu_headroom(config)
@@ -231,6 +239,43 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
     client.set_terminated(run_id, status="FINISHED")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return {"run": config.run.name, "mlflow_run_id": run_id, "checkpoint": checkpoint, "metrics": result.metrics}
+
+
+def set_aside_unusable_ray_snapshot(run_dir: Path, resume: Path | None) -> Path | None:
+    """Ray refuses to start a run whose checkpoint list is empty or garbled (a full disk cut it short) or names a
+    checkpoint folder that is gone (rotated, or removed by hand). The run folder itself says which checkpoints
+    are intact, so such a list is moved aside and the workers resume from the newest intact one, ``resume``."""
+    snapshot = run_dir / RAY_SNAPSHOT
+    if not snapshot.is_file():
+        return None
+    try:
+        listed = json.loads(snapshot.read_text())
+        if not isinstance(listed, dict):
+            raise ValueError(f"a JSON {type(listed).__name__}, not an object")
+        names = _checkpoint_dir_names(listed)
+    except (OSError, ValueError) as error:
+        size = snapshot.stat().st_size
+        problem = "is empty (0 bytes)" if size == 0 else f"is not valid JSON ({size} bytes: {error})"
+    else:
+        gone = sorted(n for n in names if not (run_dir / n).is_dir())
+        if not gone:
+            return None
+        problem = f"names {', '.join(gone)}, no longer in the run folder"
+    aside = snapshot.with_name(f"{RAY_SNAPSHOT}.set-aside")  # the last one only: evidence, not a history
+    snapshot.replace(aside)
+    then = f"resuming from {resume.name}" if resume else "no intact checkpoint: starting from step 0"
+    print(f"[faceforge] Ray's checkpoint list {snapshot} {problem}; moved it to {aside.name}; {then}", file=sys.stderr)
+    return aside
+
+
+def _checkpoint_dir_names(node) -> set[str]:
+    """Every ``checkpoint_dir_name`` anywhere in Ray's snapshot (its schema changes between Ray versions)."""
+    if isinstance(node, dict):
+        found = {node["checkpoint_dir_name"]} if isinstance(node.get("checkpoint_dir_name"), str) else set()
+        return found.union(*(_checkpoint_dir_names(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_checkpoint_dir_names(v) for v in node))
+    return set()
 
 
 class ProgressWatcher:

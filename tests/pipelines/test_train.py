@@ -142,6 +142,120 @@ def test_killed_worker_resumes_from_last_checkpoint_and_mlflow_has_each_step_onc
     assert [step for step, _ in _history(mlflow_uri, summary["mlflow_run_id"])] == list(range(1, 11))
 
 
+def test_a_damaged_newest_checkpoint_is_passed_over_by_publish_and_resume(prepared, tmp_path, mlflow_uri, capsys):
+    from modeling.checkpoints import DamagedCheckpoint, newest_complete
+    from pipelines.train.publish import publish
+    from pipelines.train.run import RAY_SNAPSHOT
+
+    overrides = ("ckpt_every=2", "keep=2", "workers=1", "sample_every=0", "ema=false")
+    train(_config(prepared, tmp_path, "max_steps=4", *overrides, name="damaged"))
+    run_dir = tmp_path / "runs" / "damaged"
+    folders = lambda: sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())  # noqa: E731
+    assert folders() == ["checkpoint_000002", "checkpoint_000004"]
+    newest = run_dir / "checkpoint_000004"
+    optimizer_state = next(newest.rglob("*optim_states.pt"))
+    optimizer_state.write_bytes(optimizer_state.read_bytes()[:1000])  # a copy cut short
+    name = optimizer_state.relative_to(newest).as_posix()
+
+    with pytest.raises(DamagedCheckpoint, match=f"checkpoint_000004: {name} is 1000 bytes, the manifest says"):
+        publish("damaged", storage=str(tmp_path / "runs"), checkpoint=str(newest))
+    published = publish("damaged", storage=str(tmp_path / "runs"))
+    assert published["checkpoint"] == str((run_dir / "checkpoint_000002").resolve())
+
+    (run_dir / RAY_SNAPSHOT).write_text("")  # what a full disk left of Ray's checkpoint list
+    capsys.readouterr()
+    summary = train(_config(prepared, tmp_path, "max_steps=6", *overrides, name="damaged"))
+    err = capsys.readouterr().err
+    assert f"skipped checkpoint_000004: {name} is 1000 bytes" in err and "using checkpoint_000002" in err
+    assert "is empty (0 bytes)" in err
+    assert _state(summary["checkpoint"])["step"] == 6
+    # steps 3-4 trained again into a fresh checkpoint_000004; rotation kept exactly two
+    assert folders() == ["checkpoint_000004", "checkpoint_000006"]
+    assert newest_complete(run_dir, deep=True) == run_dir / "checkpoint_000006"
+    assert newest_complete(run_dir / "missing") is None
+
+
+def _staged(run_dir: Path, step: int) -> tuple[Path, list[dict]]:
+    """A checkpoint whose every rank's files are in the run folder, before rank 0 finishes it."""
+    from modeling.checkpoints import checkpoint_name, file_records, rank_marker
+
+    path = run_dir / checkpoint_name(step)
+    (path / "deepspeed" / "state").mkdir(parents=True)
+    (path / "deepspeed" / "state" / "mp_rank_00_model_states.pt").write_bytes(bytes(2048))
+    (path / WEIGHTS_DIR).mkdir()
+    (path / WEIGHTS_DIR / "model.safetensors").write_bytes(bytes(1024))
+    (path / rank_marker(0)).touch()
+    (path / STATE_FILE).write_text(json.dumps({"step": step, "epoch": 1, "ema_updates": 0, "world": 1, "manifest": 1}))
+    return path, file_records(path)
+
+
+def test_a_full_disk_names_the_folder_and_leaves_the_previous_checkpoint_in_charge(tmp_path, monkeypatch):
+    import errno
+
+    import modeling.checkpoints
+    from modeling.checkpoints import MANIFEST_FILE, NoSpaceLeft, newest_complete
+    from pipelines.train.loop import finish_checkpoint
+
+    previous = _staged(tmp_path, 4)
+    finish_checkpoint(*previous, keep=1)
+    path, records = _staged(tmp_path, 8)
+
+    def disk_full(target, text):
+        target.with_name(".partial").write_text(text[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling.checkpoints, "_write_atomically", disk_full)
+        with pytest.raises(NoSpaceLeft) as error:
+            finish_checkpoint(path, records, keep=1)
+    assert str(error.value).endswith(f"no space left on {path}") and "\n" not in str(error.value)
+    assert not (path / MANIFEST_FILE).exists()
+    assert newest_complete(tmp_path) == previous[0]  # not rotated away, and what a resume uses
+
+    finish_checkpoint(path, records, keep=1)  # space freed: the retried save completes and rotation follows
+    assert newest_complete(tmp_path) == path and not previous[0].exists()
+
+
+def test_a_full_disk_reported_by_the_copy_into_storage_is_named_too(tmp_path):
+    from modeling.checkpoints import NoSpaceLeft, no_space_left
+
+    # pyarrow's local copy says it in words, without an errno
+    with pytest.raises(NoSpaceLeft, match=f"no space left on {tmp_path}"):
+        with no_space_left(tmp_path):
+            raise OSError("IOError: Failed to write to file: No space left on device")
+    with pytest.raises(PermissionError):
+        with no_space_left(tmp_path):
+            raise PermissionError("read-only")
+
+
+def test_an_empty_or_stale_ray_checkpoint_list_is_set_aside_for_the_run_folder(tmp_path, capsys):
+    from pipelines.train.loop import finish_checkpoint
+    from pipelines.train.run import RAY_SNAPSHOT, set_aside_unusable_ray_snapshot
+
+    checkpoint, records = _staged(tmp_path, 4)
+    finish_checkpoint(checkpoint, records, keep=2)
+    snapshot = tmp_path / RAY_SNAPSHOT
+    snapshot.write_text("")  # what a full disk left of it
+    aside = set_aside_unusable_ray_snapshot(tmp_path, checkpoint)
+    assert not snapshot.exists() and aside.read_text() == ""
+    err = capsys.readouterr().err
+    assert f"{snapshot} is empty (0 bytes)" in err and "resuming from checkpoint_000004" in err
+
+    snapshot.write_text('{"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_000004", "metrics": {}}]')
+    assert (
+        set_aside_unusable_ray_snapshot(tmp_path, checkpoint) is not None
+        and "not valid JSON" in capsys.readouterr().err
+    )
+
+    listed = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_000004", "metrics": {}}]}
+    snapshot.write_text(json.dumps(listed))
+    assert set_aside_unusable_ray_snapshot(tmp_path, checkpoint) is None and snapshot.exists()  # a sound list stays
+    listed["latest_checkpoint_result"] = {"checkpoint_dir_name": "checkpoint_000002", "metrics": {}}
+    snapshot.write_text(json.dumps(listed))
+    assert set_aside_unusable_ray_snapshot(tmp_path, checkpoint) is not None
+    assert "names checkpoint_000002, no longer in the run folder" in capsys.readouterr().err
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="train.zero_stage=5"):
         load_config(CONFIGS / "mmface_dit_tiny.yaml", ["zero_stage=5"])
