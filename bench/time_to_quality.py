@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=100, help="checkpoint and score every N steps")
     parser.add_argument("--eval-n", type=int, default=64, help="held-out faces per score")
     parser.add_argument("--workdir", default="/tmp/faceforge-ttq")
+    parser.add_argument("--score", help="score the checkpoints of an existing run folder instead of training")
     args = parser.parse_args(argv)
 
     from modeling.checkpoints import checkpoint_step
@@ -64,30 +65,40 @@ def main(argv: list[str] | None = None) -> int:
     if not (parser_dir / "config.json").is_file():
         train_parser(parser_dir, size=plan.size, steps=plan.parser_steps)
 
-    run = f"ttq-{args.model}-{int(time.time())}"
-    overrides = [
-        f"data={prepared}",
-        f"storage={work / 'runs'}",
-        f"name={run}",
-        f"max_steps={steps}",
-        f"ckpt_every={args.every}",
-        f"keep={steps // args.every + 1}",
-        "sample_every=0",
-    ]
-    reached: list[tuple[int, float]] = []
-    launched = time.time()
-    train(
-        load_config(Path(__file__).resolve().parents[1] / "configs" / CONFIGS[args.model], overrides),
-        on_progress=lambda done, total: reached.append((done, time.time())),
-    )
-    first_step_at = min((t for s, t in reached if s > 0), default=launched)
+    if args.score:
+        run_dir = Path(args.score).resolve()
+        run = run_dir.name
+        timeline = run_dir / "timeline.json"
+        if timeline.is_file():
+            saved = json.loads(timeline.read_text())
+            reached, launched = [tuple(p) for p in saved["progress"]], saved["launched"]
+        else:
+            reached, launched = _timeline_from_checkpoints(run_dir), None
+    else:
+        run = f"ttq-{args.model}-{int(time.time())}"
+        run_dir = work / "runs" / run
+        overrides = [
+            f"data={prepared}",
+            f"storage={work / 'runs'}",
+            f"name={run}",
+            f"max_steps={steps}",
+            f"ckpt_every={args.every}",
+            f"keep={steps // args.every + 1}",
+            "sample_every=0",
+        ]
+        reached = []
+        launched = time.time()
+        config = load_config(Path(__file__).resolve().parents[1] / "configs" / CONFIGS[args.model], overrides)
+        train(config, on_progress=lambda done, total: reached.append((done, time.time())))
+        (run_dir / "timeline.json").write_text(json.dumps({"launched": launched, "progress": reached}))
+    first_step_at = min((t for s, t in reached if s > 0), default=launched or 0.0)
 
-    def seconds_to(step: int) -> tuple[float, float]:
+    def seconds_to(step: int) -> tuple[float, float | None]:
         at = min((t for s, t in reached if s >= step), default=time.time())
-        return round(at - first_step_at, 1), round(at - launched, 1)
+        return round(at - first_step_at, 1), None if launched is None else round(at - launched, 1)
 
     rows = []
-    for ckpt in sorted((work / "runs" / run).glob("checkpoint_*"), key=checkpoint_step):
+    for ckpt in sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=checkpoint_step):
         result = evaluate(
             ckpt,
             prepared,
@@ -116,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "model": args.model,
-        "steps": steps,
+        "steps": rows[-1]["step"] if rows else steps,
         "miou_0.5": first(lambda r: r["miou"] >= 0.5),
         "all_thresholds": first(lambda r: r["miou"] >= 0.5 and r["hair"] >= 0.6 and r["background"] >= 0.6),
         "final": rows[-1] if rows else None,
@@ -124,6 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def _timeline_from_checkpoints(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, time) of each checkpoint of a run trained without a timeline: the folders' modification times,
+    the first step placed one checkpoint interval before the first checkpoint."""
+    from modeling.checkpoints import checkpoint_step
+
+    points = sorted((checkpoint_step(p), p.stat().st_mtime) for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    if len(points) >= 2:
+        (s0, t0), (s1, t1) = points[0], points[1]
+        points.insert(0, (1, t0 - (t1 - t0) * (s0 - 1) / (s1 - s0)))
+    return points
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ class DemoPlan:
     size: int = 32
     codec: str = "pixel:2"  # lossless 2x2 space-to-depth: 12 x 16 x 16 latents
     captions: int = 5  # captions encoded per face
-    mmface_steps: int = 800
-    base_steps: int = 1000
+    mmface_steps: int = 900
+    base_steps: int = 1200
     lora_steps: int = 50
     eval_n: int = 64
     parser_steps: int = 350

@@ -44,6 +44,15 @@ def ensure_ray(num_cpus: int | None = None, local: bool = False, log_to_driver: 
         start_new_session=True,
     ).pid
     atexit.register(stop_ray)  # registered before ray.init: runs after Ray's own exit hook
+    # Every process of this Ray must find *this* Ray when it looks one up without an address (Ray Train's
+    # placement-group cleaner does, through the state API): with two local Rays up it would otherwise fail
+    # ("Found multiple active Ray instances") and the run's workers could be torn down. So the GCS gets a
+    # port chosen here, on loopback, and RAY_ADDRESS names it in the environment the raylet and its workers
+    # inherit.
+    port = _free_port()
+    _LOCAL["env"] = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -79,6 +88,24 @@ def stop_ray(grace_s: float = 3.0) -> None:
             _quietly(p.kill)
         if _LOCAL.get("temp_dir"):
             shutil.rmtree(_LOCAL.pop("temp_dir"), ignore_errors=True)
+        for key, value in _LOCAL.pop("env", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def is_private() -> bool:
+    """Whether this process runs its own local Ray (started by ``ensure_ray``), not a cluster's."""
+    return bool(_LOCAL.get("temp_dir"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _running(process) -> bool:

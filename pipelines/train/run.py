@@ -197,7 +197,7 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
     ``on_progress(step, max_steps)`` is called from a watcher thread as rank 0 advances."""
     from mlflow import MlflowClient
 
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.ray_runtime import ensure_ray, is_private
     from pipelines.train.preflight import check_cluster_can_place, preflight
 
     manifest = check_prepared_data(config)
@@ -218,7 +218,7 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
     if resume is not None:
         print(f"[faceforge] resuming from {resume.name} (step {checkpoint_step(resume)})", file=sys.stderr)
     ensure_ray()
-    check_cluster_can_place(config, local=not os.environ.get("RAY_ADDRESS"))
+    check_cluster_can_place(config, local=is_private() or not os.environ.get("RAY_ADDRESS"))
     leave_cpu_headroom(config)
     uri, run_id, resumed = open_mlflow_run(config, manifest, run_dir)
     print(f"[faceforge] MLflow run {run_id} ({'continued' if resumed else 'new'}) at {uri}", flush=True)
@@ -227,15 +227,21 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
     try:
         trainer = build_trainer(config, manifest, {"tracking_uri": uri, "run_id": run_id, "run_dir": str(run_dir)})
         result = trainer.fit()
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into one): the run was stopped, not broken
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Ctrl-C (Ray Train's own handler aborts the run, then exits), or SIGTERM (the CLI turns it into a
+        # KeyboardInterrupt): the run was stopped, not broken
         client.set_terminated(run_id, status="KILLED")
-        raise
+        raise KeyboardInterrupt from stop
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
     finally:
         if watcher:
             watcher.stop()
+        try:
+            prune_checkpoints(run_dir, config.checkpoint.keep)
+        except OSError as error:  # tidying up must not hide how the run ended
+            print(f"[faceforge] could not prune old checkpoints in {run_dir}: {error}", file=sys.stderr)
     client.set_terminated(run_id, status="FINISHED")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return {"run": config.run.name, "mlflow_run_id": run_id, "checkpoint": checkpoint, "metrics": result.metrics}
@@ -276,6 +282,24 @@ def _checkpoint_dir_names(node) -> set[str]:
     if isinstance(node, list):
         return set().union(*(_checkpoint_dir_names(v) for v in node))
     return set()
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Rotation once the run has stopped, however it stopped: an interrupt between a checkpoint's manifest and
+    the workers' own rotation (or a save cut short) must not leave more than ``keep`` behind."""
+    import shutil
+
+    from modeling.checkpoints import is_complete, stale_checkpoints
+
+    if not run_dir.is_dir():
+        return
+    for stale in stale_checkpoints(run_dir, keep):
+        shutil.rmtree(stale, ignore_errors=True)
+    for partial in run_dir.glob("checkpoint_*"):
+        # a save the stop cut short (never finished): nothing writes it any more, and resume passes it over
+        if partial.is_dir() and not is_complete(partial):
+            print(f"[faceforge] removing {partial.name}: a save the stop cut short", file=sys.stderr)
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 class ProgressWatcher:
