@@ -187,6 +187,9 @@ def _tokenizer_dir(model_path: Path, sibling: str) -> Path:
 
 def load_text_encoder(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
     """``"minilm"`` | ``PATH`` (a CLIP text folder) | ``"flux:T5PATH,CLIPPATH"``."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per load drowns our own progress lines
     if spec == "minilm":
         return MiniLMTextEncoder(device)
     if spec.startswith("flux:"):

@@ -72,9 +72,9 @@ def evaluate(
     from pipelines.eval.yardstick import score
 
     checkpoint = resolve_checkpoint(checkpoint)
+    ids, labels, attributes = held_out(data, n)  # a dataset without known attributes fails before any loading
     judge = load_parser(parser)
     generator = FaceGenerator(weights_dir(checkpoint))
-    ids, labels, attributes = held_out(data, n)
     prompts = [full_caption(a) for a in attributes]
     started = time.perf_counter()
     images = []

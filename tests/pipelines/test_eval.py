@@ -4,6 +4,7 @@ trains MMFace-DiT through the real trainer and must score clearly above chance."
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -57,3 +58,89 @@ def test_a_parser_under_the_bar_is_refused_as_a_judge(tmp_path):
         load_parser(tmp_path / "weak")
     with pytest.raises(FileNotFoundError):
         load_parser(tmp_path / "missing")
+
+
+# The demo's MMFace-DiT recipe, shortened: 400 faces, a quicker parser, 400 of the demo's 900 steps (Face-MoGLE
+# needs ~600 steps to leave chance on attributes; its learning is proven by the sampling proofs and the demo).
+# Measured on the 2-core machine at 400 steps: mask mIoU 0.40 (shuffled conditions 0.24, chance 0.05), hair
+# colour 0.87 (chance 0.2); background colour is still at chance there (0.13; it reaches 0.92 by the demo's 900
+# steps), so only mask and hair are asserted, with a margin under what was reached.
+SHORT = {"n": 400, "parser_steps": 300, "steps": 400, "eval_n": 32}
+FLOORS = {"miou": 0.32, "hair": 0.6}
+
+
+@pytest.fixture(scope="module")
+def short_recipe(ray_local, tmp_path_factory):
+    """Synthetic faces -> prepare -> parser -> MMFace-DiT through the real trainer (2 workers, DeepSpeed, EMA)."""
+    from pipelines.data.prepare import PrepareOptions, prepare
+    from pipelines.data.synth import synthesize
+    from pipelines.demo import CONFIGS
+    from pipelines.eval.parser import train_parser
+    from pipelines.train.config import load_config
+    from pipelines.train.run import train
+
+    root = tmp_path_factory.mktemp("short-recipe")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        synthesize(root / "synth", n=SHORT["n"], size=32, seed=0)
+        options = PrepareOptions(
+            layout="celebamask-hq",
+            root=str(root / "synth"),
+            out=str(root / "prepared"),
+            size=32,
+            codec="pixel:2",
+            max_captions=3,
+            rows_per_shard=128,
+        )
+        prepare(options, progress=False)
+        parser = train_parser(root / "parser", steps=SHORT["parser_steps"])
+        overrides = [f"data={root / 'prepared'}", f"storage={root / 'runs'}", "name=mmface-dit-tiny",
+                     f"max_steps={SHORT['steps']}", f"ckpt_every={SHORT['steps']}", "sample_every=0"]  # fmt: skip
+        train(load_config(CONFIGS / "mmface_dit_tiny.yaml", overrides))
+        yield {"root": root, "parser": parser, "uri": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+def test_short_recipe_follows_masks_and_captions_far_above_chance(short_recipe):
+    from mlflow import MlflowClient
+
+    from pipelines.cli import main
+
+    root = short_recipe["root"]
+    assert short_recipe["parser"]["pixel_accuracy"] >= 0.95  # a judge
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", short_recipe["uri"])
+        run = "mmface-dit-tiny"
+        out = root / "eval" / f"{run}.json"
+        code = main(["eval", run, "--storage", str(root / "runs"), "--data", str(root / "prepared"),
+                     "--parser", str(root / "parser"), "--n", str(SHORT["eval_n"]), "--out", str(out)])  # fmt: skip
+        assert code == 0
+        result = json.loads(out.read_text())
+        hair, background = (result["attributes"][k] for k in ("hair_color", "background_color"))
+        print(f"\n{run}: mIoU {result['miou']} (shuffled {result['miou_shuffled']}), hair {hair['accuracy']}, "
+              f"background {background['accuracy']}")  # fmt: skip
+        assert result["miou"] >= FLOORS["miou"] and result["miou"] > result["miou_shuffled"] + 0.1
+        assert hair["accuracy"] >= FLOORS["hair"] and background["n"] > 0
+        assert out.with_suffix(".png").is_file()
+        # the figures are in the training run, at the checkpoint's step
+        client = MlflowClient(short_recipe["uri"])
+        run_id = result["mlflow_run_id"]
+        logged = client.get_run(run_id).data.metrics
+        assert logged["eval/miou"] == result["miou"] and logged["eval/miou_chance"] == result["miou_chance"]
+        assert "eval/hair_color_acc" in logged
+
+
+def test_eval_refuses_a_dataset_without_known_attributes_in_one_line(short_recipe, tmp_path, capsys):
+    import shutil
+
+    from pipelines.cli import main
+
+    root = short_recipe["root"]
+    copy = tmp_path / "prepared"
+    shutil.copytree(root / "prepared", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["root"] = str(tmp_path / "a-real-dataset")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code = main(["eval", str(root / "runs" / "mmface-dit-tiny"), "--data", str(copy), "--parser", str(root / "parser")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("faceforge: error:") and "attributes.jsonl" in err
+    assert len(err.splitlines()) == 1, err
