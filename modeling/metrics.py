@@ -236,8 +236,8 @@ class BatchScores:
         return cls(
             n_generated=len(columns["has_real"]),
             **counts,
-            per_image={k: torch.from_numpy(np.asarray(columns[k], np.float64)) for k in PER_IMAGE if k in columns},
-            embeddings={k: torch.from_numpy(np.stack(columns[k])) for k in EMBEDDINGS if k in columns},
+            per_image={k: torch.from_numpy(np.array(columns[k], np.float64)) for k in PER_IMAGE if k in columns},
+            embeddings={k: torch.from_numpy(np.stack(columns[k]).copy()) for k in EMBEDDINGS if k in columns},
         )
 
 
