@@ -230,9 +230,8 @@ def evaluate_paper(checkpoint: str | Path, options: PaperEvalOptions) -> dict:
     started = time.perf_counter()
     with ordered_ray_data():
         rows = (
-            ray.data.read_parquet(
-                split_files(options.data, manifest, options.split), columns=["id", "mask_labels", "captions"]
-            )
+            ray.data.read_parquet(split_files(options.data, manifest, options.split))
+            .select_columns(["id", "mask_labels", "captions"])
             .limit(options.n)
             .map_batches(
                 attach_conditions,
