@@ -226,17 +226,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
             return 1
         return 0
+    if args.compare:
+        from pipelines.eval.paper import compare_runs
+
+        print(compare_runs(args.compare))
+        return 0
     if not args.target:
-        raise UserError("faceforge eval: name a run folder or checkpoint (or train-parser); see --help")
+        raise UserError("faceforge eval: name a run folder or checkpoint (or train-parser, or --compare); see --help")
+    target = Path(args.target)
+    if not target.exists() and (Path(args.storage) / args.target).exists():
+        target = Path(args.storage) / args.target
+    if args.metrics == "paper":
+        return _eval_paper(target, args)
     from pipelines.eval.run import evaluate
 
     if not args.data or not args.parser:
         raise UserError("faceforge eval RUN needs --data PREPARED (a synthetic dataset) and --parser DIR")
-    target = Path(args.target)
-    if not target.exists() and (Path(args.storage) / args.target).exists():
-        target = Path(args.storage) / args.target
     result = evaluate(target, args.data, args.parser, n=args.n, steps=args.steps, guidance=args.guidance, out=args.out)
     print(json.dumps({k: v for k, v in result.items() if k != "prompts"}, indent=2))
+    return 0
+
+
+def _eval_paper(target: Path, args: argparse.Namespace) -> int:
+    from pipelines.eval.paper import PaperEvalOptions, evaluate_paper
+
+    if not args.data:
+        raise UserError("faceforge eval RUN --metrics paper needs --data PREPARED (its split gives the conditions)")
+    options = PaperEvalOptions(
+        data=args.data,
+        split=args.split,
+        n=args.n,
+        task=args.task,
+        judges=args.judges,
+        steps=args.steps,
+        guidance=args.guidance,
+        batch=args.batch,
+        out=args.out,
+    )
+    result = evaluate_paper(target, options)
+    print(json.dumps({k: v for k, v in result.items() if k != "options"}, indent=2))
     return 0
 
 
@@ -375,12 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="score a trained model on the synthetic yardstick (mask mIoU, attribute accuracy), or train its parser",
+        help="score a trained model (synthetic yardstick, or the papers' metrics), compare runs, or train the parser",
         description="faceforge eval RUN --data PREPARED --parser DIR: generates one face per held-out mask and "
         "caption of a synthetic dataset, and measures mask adherence (mIoU of the synthetic parser's reading of "
         "the image against the mask) and text adherence (each stated colour read back from the pixels of its "
         "part), each beside its chance level and a shuffled-conditions baseline. Metrics go to the run's MLflow "
-        "run as eval/*, and to a JSON file. faceforge eval train-parser --out DIR trains the parser.",
+        "run as eval/*, and to a JSON file. faceforge eval train-parser --out DIR trains the parser. "
+        "--metrics paper: FID, KID (x1000), LPIPS, SSIM, MS-SSIM against the real faces, mask accuracy and mIoU "
+        "(BiSeNet parser), CLIP score, CMMD and DINO structure (with --judges) of faces generated from a prepared "
+        "split on Ray Data actor pools, logged as eval/<task>/<metric>. --compare RUN_A RUN_B ...: their latest eval/* "
+        "metrics side by side.",
     )
     ev.add_argument("target", nargs="?", help="a run folder (its newest checkpoint), a checkpoint, or train-parser")
     ev.add_argument("--data", help="the prepared synthetic dataset (its held-out split gives the conditions)")
@@ -389,8 +421,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=64, help="held-out faces to generate (default 64)")
     ev.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
     ev.add_argument("--guidance", type=float, help="guidance (default: the model's)")
-    ev.add_argument("--out", help="JSON file (default CHECKPOINT/eval/yardstick.json); the parser's folder for "
-                    "train-parser")  # fmt: skip
+    ev.add_argument("--out", help="JSON file (default CHECKPOINT/eval/yardstick.json or paper-TASK.json); the "
+                    "parser's folder for train-parser")  # fmt: skip
+    ev.add_argument(
+        "--metrics",
+        choices=("yardstick", "paper"),
+        default="yardstick",
+        help="yardstick (default: synthetic data, --parser) or paper (SPEC §3 metrics, any prepared data)",
+    )
+    ev.add_argument("--split", default="test", help="paper: the prepared split to generate from (default test)")
+    ev.add_argument(
+        "--task",
+        default="text+mask",
+        choices=("text+mask", "mask", "text", "text+sketch"),
+        help="paper: the conditions given to the model (default text+mask)",
+    )
+    ev.add_argument(
+        "--judges",
+        help="paper: folder holding clip/ and dino/ (local Hugging Face folders) for CLIP "
+        "score, CMMD and DINO structure; without it they are reported as skipped",
+    )
+    ev.add_argument("--batch", type=int, default=8, help="paper: images per generator/judge batch (default 8)")
+    ev.add_argument("--compare", nargs="+", metavar="RUN", help="MLflow run names or ids: their eval/* side by side")
     ev.add_argument("--size", type=int, default=32, help="train-parser: render size (default 32)")
     ev.add_argument("--parser-steps", type=int, default=500, help="train-parser: training steps (default 500)")
     ev.add_argument("--renders", type=int, default=4000, help="train-parser: training renders (default 4000)")

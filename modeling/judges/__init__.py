@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 
+JUDGE_NAMES = ("inception", "lpips", "face_parser", "clip", "dino")
+
+
 @dataclass
 class JudgePaths:
     """Where each judge's weights are; ``None`` means the embedded default where one exists (none for CLIP/DINO)."""
@@ -70,6 +73,10 @@ class Judges:
     clip: ClipJudge | None = None
     dino: DinoJudge | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+
+    def loaded(self) -> tuple[str, ...]:
+        """The names of the judges present."""
+        return tuple(name for name in JUDGE_NAMES if getattr(self, name) is not None)
 
 
 def load_clip(path: str | None, device: str | torch.device = "cpu") -> ClipJudge:

@@ -128,10 +128,18 @@ def save_grid(path: Path, labels: np.ndarray, generated: np.ndarray, real: list[
     grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
 
 
-def log_result(checkpoint: Path, result: dict, files: list[Path]) -> str | None:
-    """eval/* metrics at the checkpoint's step and the files as eval/ artifacts, under the training run."""
+def log_result(
+    checkpoint: Path,
+    result: dict,
+    files: list[Path],
+    metrics: dict[str, float] | None = None,
+    tags: dict[str, str] | None = None,
+) -> str | None:
+    """eval/* metrics at the checkpoint's step and the files as eval/ artifacts, under the training run.
+    ``metrics`` defaults to the yardstick's (``flat_metrics(result)``); ``tags`` hold what has no number
+    ("skipped: ...")."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     from pipelines.eval.yardstick import flat_metrics
     from pipelines.train.run import mlflow_run_of
@@ -143,7 +151,12 @@ def log_result(checkpoint: Path, result: dict, files: list[Path]) -> str | None:
         return None  # an imported or copied checkpoint: no training run to log into
     client = MlflowClient(tracking_uri())
     now, step = int(time.time() * 1000), int(result.get("step") or 0)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in flat_metrics(result).items()])
+    metrics = flat_metrics(result) if metrics is None else metrics
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, now, step) for k, v in metrics.items()],
+        tags=[RunTag(k, v) for k, v in (tags or {}).items()],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for path in files:
             target = Path(tmp) / path.name

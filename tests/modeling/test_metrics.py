@@ -121,3 +121,33 @@ def test_suite_rejects_mismatched_batches():
         suite.update(images, prompts=["one"])
     with pytest.raises(ValueError, match="float images must be in"):
         suite.update(images.float() + 255.0)  # a [0, 255] float batch
+
+
+def test_ms_ssim_with_fewer_scales_keeps_the_pixels_of_small_images():
+    from modeling.metrics import SuiteConfig, ms_ssim_plan
+
+    assert ms_ssim_plan(256, "fewer_scales").scales == 5
+    assert ms_ssim_plan(64, "upsample").upsample_to == MS_SSIM_MIN_SIZE
+    plan = ms_ssim_plan(32, "fewer_scales")
+    assert (plan.scales, plan.upsample_to) == (2, None) and sum(plan.betas) == pytest.approx(1.0)
+    assert "3 of the standard 5" in ms_ssim_plan(64, "fewer_scales").describe(64)
+    images = (torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    suite = MetricSuite(Judges(), SuiteConfig(ms_ssim_small="fewer_scales"))
+    suite.update(images, images)
+    assert suite.compute()["ms_ssim"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_batch_scores_travel_as_columns():
+    from modeling.metrics import BatchScores, MetricTally, score_batch
+
+    images = (torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    scores = score_batch(Judges(), images, images.flip(0), masks=random_masks(4, 32, seed=4))
+    columns = scores.columns()
+    assert columns["ssim"].shape == (4,) and bool(columns["has_real"].all()) and bool(columns["has_mask"].all())
+    whole, rows = MetricTally((), {}), MetricTally((), {})
+    whole.add(scores)
+    for i in range(4):  # regrouped one image at a time, as rows arriving from Ray
+        rows.add(BatchScores.from_columns({k: v[i : i + 1] for k, v in columns.items()}))
+    for name in ("ssim", "ms_ssim"):
+        assert rows.compute()[name] == pytest.approx(whole.compute()[name], rel=1e-12)
+    assert rows.compute()["fid"] == whole.compute()["fid"] == "skipped: no inception judge loaded"
