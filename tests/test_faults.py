@@ -93,9 +93,18 @@ def test_a_killed_prepare_leaves_no_ray_behind(synth_root, tmp_path):
             "--out", str(tmp_path / "out"), "--size", "32", "--codec", "pixel:2", "--rows-per-shard", "4"]  # fmt: skip
     proc = subprocess.Popen(argv, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not list((tmp_path / "out").glob("shards/*")):
-        time.sleep(0.2)  # until the precompute is under way: Ray and its workers are up
-    started = _ray_pids() - before
+    started: set[int] = set()
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and not any(
+            "MapWorker" in line or "ray::" in line
+            for line in _ray_processes()
+            if int(line.split(None, 1)[0]) in started
+        )
+    ):
+        started = _ray_pids() - before  # until the precompute's workers are up
+        time.sleep(0.2)
     assert proc.poll() is None and started, "prepare finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

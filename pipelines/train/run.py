@@ -56,11 +56,31 @@ def experiment_name(config: TrainConfig, manifest: dict) -> str:
     return f"{dataset}/{config.model.arch}"
 
 
+def create_tracking_store(uri: str) -> None:
+    """Create a fresh SQLite tracking store under a file lock: two jobs starting together on one machine would
+    otherwise both run MLflow's schema migration and one of them fail ("table ... already exists")."""
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)  # creates or upgrades the schema
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def open_mlflow_run(config: TrainConfig, manifest: dict, run_dir: Path) -> tuple[str, str, bool]:
     """The run's MLflow id: found by name tag + storage folder, or created with params and artifacts."""
     from mlflow import MlflowClient
 
     uri = tracking_uri()
+    create_tracking_store(uri)
     client = MlflowClient(uri)
     name = experiment_name(config, manifest)
     experiment = client.get_experiment_by_name(name)

@@ -62,11 +62,12 @@ def test_a_parser_under_the_bar_is_refused_as_a_judge(tmp_path):
 
 # The demo's MMFace-DiT recipe, shortened: 400 faces, a quicker parser, 400 of the demo's 900 steps (Face-MoGLE
 # needs ~600 steps to leave chance on attributes; its learning is proven by the sampling proofs and the demo).
-# Measured on the 2-core machine at 400 steps: mask mIoU 0.40 (shuffled conditions 0.24, chance 0.05), hair
-# colour 0.87 (chance 0.2); background colour is still at chance there (0.13; it reaches 0.92 by the demo's 900
-# steps), so only mask and hair are asserted, with a margin under what was reached.
+# Measured on the 2-core machine at 400 steps, over three runs (Ray Data's shuffle varies): mask mIoU 0.40-0.42
+# (shuffled conditions 0.24, chance 0.05), hair colour 0.50-0.87 (chance 0.2, shuffled ~0.26); background colour
+# is still at chance there (0.13-0.19; it reaches 0.92 by the demo's 900 steps), so only mask and hair are
+# asserted, with a margin under the lowest reached.
 SHORT = {"n": 400, "parser_steps": 300, "steps": 400, "eval_n": 32}
-FLOORS = {"miou": 0.32, "hair": 0.6}
+FLOORS = {"miou": 0.32, "hair": 0.35}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,9 @@ def test_short_recipe_follows_masks_and_captions_far_above_chance(short_recipe):
         assert out.with_suffix(".png").is_file()
         # the figures are in the training run, at the checkpoint's step
         client = MlflowClient(short_recipe["uri"])
-        run_id = result["mlflow_run_id"]
+        from pipelines.train.run import mlflow_run_of
+
+        run_id = mlflow_run_of(root / "runs" / run, short_recipe["uri"])
         logged = client.get_run(run_id).data.metrics
         assert logged["eval/miou"] == result["miou"] and logged["eval/miou_chance"] == result["miou_chance"]
         assert "eval/hair_color_acc" in logged
