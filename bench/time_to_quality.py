@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from modeling.checkpoints import checkpoint_step
-    from pipelines.data.prepare import PrepareOptions, prepare
+    from pipelines.data.prepare import prepare
     from pipelines.data.synth import synthesize
     from pipelines.demo import DemoPlan
     from pipelines.eval.parser import train_parser
@@ -50,18 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         synthesize(synth, n=plan.n, size=plan.size, seed=0)
     ensure_ray(log_to_driver=False)
     if not (prepared / "manifest.json").is_file():
-        prepare(
-            PrepareOptions(
-                layout="celebamask-hq",
-                root=str(synth),
-                out=str(prepared),
-                size=plan.size,
-                codec=plan.codec,
-                max_captions=plan.captions,
-                rows_per_shard=128,
-            ),
-            progress=False,
-        )
+        prepare(plan.prepare_options(synth, prepared), progress=False)
     if not (parser_dir / "config.json").is_file():
         train_parser(parser_dir, size=plan.size, steps=plan.parser_steps)
 

@@ -37,6 +37,20 @@ class DemoPlan:
     eval_n: int = 64
     parser_steps: int = 350
 
+    def prepare_options(self, synth: Path, prepared: Path):
+        """The precompute of the demo's synthetic faces (also what bench/time_to_quality.py prepares)."""
+        from pipelines.data.prepare import PrepareOptions
+
+        return PrepareOptions(
+            layout="celebamask-hq",
+            root=str(synth),
+            out=str(prepared),
+            size=self.size,
+            codec=self.codec,
+            max_captions=self.captions,
+            rows_per_shard=128,
+        )
+
 
 @dataclass
 class DemoState:
@@ -109,20 +123,13 @@ def _stages(plan: DemoPlan, state: DemoState, serve_samples: bool):
         return f"{info['n_train']} train + {info['n_test']} held-out faces, {plan.size}x{plan.size}"
 
     def prepare_data(stage) -> str:
-        from pipelines.data.prepare import PrepareOptions, prepare
+        from pipelines.data.prepare import prepare
         from pipelines.ray_runtime import ensure_ray
 
         ensure_ray(log_to_driver=False)
-        options = PrepareOptions(
-            layout="celebamask-hq",
-            root=str(synth),
-            out=str(prepared),
-            size=plan.size,
-            codec=plan.codec,
-            max_captions=plan.captions,
-            rows_per_shard=128,
-        )
-        counts = prepare(options, progress=False, on_progress=lambda d, t: stage.update(d, t, "shards"))["counts"]
+        counts = prepare(
+            plan.prepare_options(synth, prepared), progress=False, on_progress=lambda d, t: stage.update(d, t, "shards")
+        )["counts"]
         return f"{counts['n_written']} rows written, {counts['n_rejected']} rejected"
 
     def train_judge(stage) -> str:
