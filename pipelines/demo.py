@@ -58,6 +58,8 @@ class DemoState:
     timings: dict[str, float] = field(default_factory=dict)
     runs: dict[str, dict] = field(default_factory=dict)
     evals: dict[str, dict] = field(default_factory=dict)
+    paper: dict[str, dict] = field(default_factory=dict)  # FID, KID, LPIPS, SSIM, MS-SSIM per model
+    throughput: dict[str, dict] = field(default_factory=dict)  # trainer vs bare loop samples/s per config
     published: dict[str, dict] = field(default_factory=dict)
     samples: dict[str, str] = field(default_factory=dict)
 
@@ -156,15 +158,23 @@ def _stages(plan: DemoPlan, state: DemoState, serve_samples: bool):
         return train_stage
 
     def evaluate_models(stage) -> str:
+        from pipelines.eval.paper import PaperEvalOptions, evaluate_paper
         from pipelines.eval.run import evaluate
 
         results = []
-        for i, run in enumerate(("mmface-dit-tiny", "face-mogle-tiny")):
+        models = ("mmface-dit-tiny", "face-mogle-tiny")
+        for i, run in enumerate(models):
             result = evaluate(runs / run, prepared, parser, n=plan.eval_n, out=w / "eval" / f"{run}.json")
             state.evals[run] = result
-            stage.update(i + 1, 2, "models")
+            stage.update(2 * i + 1, 2 * len(models) + 1, "measurements")
+            options = PaperEvalOptions(data=str(prepared), n=plan.eval_n, out=str(w / "eval" / f"{run}-paper.json"))
+            state.paper[run] = evaluate_paper(runs / run, options)
+            stage.update(2 * i + 2, 2 * len(models) + 1, "measurements")
             hair = result["attributes"]["hair_color"]["accuracy"]
-            results.append(f"{run}: mIoU {result['miou']}, hair {hair}")
+            fid = state.paper[run]["metrics"].get("fid")
+            results.append(f"{run}: mIoU {result['miou']}, hair {hair}, FID {_number(fid)}")
+        state.throughput = _trainer_vs_bare(state, prepared, runs)
+        stage.update(2 * len(models) + 1, 2 * len(models) + 1, "measurements")
         return "; ".join(results)
 
     def publish_models(stage) -> str:
@@ -222,6 +232,45 @@ def _train_once(config_name: str, run: str, runs: Path, prepared: Path, steps: i
         "step": checkpoint_step(latest),
         "mlflow_run_id": mlflow_run_of(runs / run),
     }
+
+
+def _number(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _trainer_vs_bare(state: DemoState, prepared: Path, runs: Path, steps: int = 20) -> dict[str, dict]:
+    """The trainer's samples/s of each from-scratch run (its MLflow ``train/samples_per_s``, the median over its
+    logging windows after the first) beside a bare data-parallel loop of the same model, batch, workers and threads
+    (``pipelines.train.reference``) run now on the same cores."""
+    import statistics
+
+    from mlflow import MlflowClient
+
+    from pipelines.data.prepare import load_manifest
+    from pipelines.train.config import load_config
+    from pipelines.train.reference import reference_samples_per_s
+    from serve.settings import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    manifest = load_manifest(prepared)
+    out = {}
+    for config_name, run in (("mmface_dit_tiny.yaml", "mmface-dit-tiny"), ("flux_base_tiny.yaml", "flux-base-tiny")):
+        summary = state.runs.get(run)
+        if not summary:
+            continue
+        history = client.get_metric_history(summary["mlflow_run_id"], "train/samples_per_s")
+        values = [m.value for m in sorted(history, key=lambda m: m.step)][1:]
+        if not values:
+            continue
+        config = load_config(CONFIGS / config_name, [f"data={prepared}", f"storage={runs}", f"name={run}"])
+        from pipelines.train.run import leave_cpu_headroom
+
+        leave_cpu_headroom(config)  # the threads per worker the trainer ran with
+        trainer = statistics.median(values)
+        bare = reference_samples_per_s(config, manifest, steps, "bare")
+        out[run] = {"trainer_samples_per_s": round(trainer, 1), "bare_samples_per_s": round(bare, 1),
+                    "ratio": round(trainer / bare, 3)}  # fmt: skip
+    return out
 
 
 def _samples_over_http(state: DemoState, prepared: Path, stage) -> dict[str, str]:
@@ -287,6 +336,18 @@ def _say_where(console, state: DemoState, total: float) -> None:
             f"(chance {attrs['hair_color']['chance']:.2f}); background {attrs['background_color']['accuracy']:.2f} "
             f"(chance {attrs['background_color']['chance']:.2f})"
         )
+    for run, result in state.paper.items():
+        m = result["metrics"]
+        lines.append(
+            f"  {run:16s} FID {_number(m.get('fid'))}, KID {_number(m.get('kid'))} (x1000), LPIPS "
+            f"{_number(m.get('lpips'))}, SSIM {_number(m.get('ssim'))}, MS-SSIM {_number(m.get('ms_ssim'))} "
+            f"({result['n']} held-out faces, text+mask)"
+        )
+    for run, t in state.throughput.items():
+        lines.append(
+            f"  {run:16s} trainer {t['trainer_samples_per_s']} samples/s, bare loop {t['bare_samples_per_s']} "
+            f"samples/s on the same cores ({t['ratio']:.2f} of bare)"
+        )
     lines += [
         "",
         f"  report:       {state.workdir / 'report.html'}",
@@ -300,5 +361,6 @@ def _say_where(console, state: DemoState, total: float) -> None:
     print("\n".join(lines), file=console)
     (state.workdir / "demo_summary.json").write_text(
         json.dumps({"timings_s": state.timings, "total_s": round(total, 1), "runs": state.runs,
-                    "published": state.published, "samples": state.samples}, indent=2, default=str) + "\n"
+                    "published": state.published, "samples": state.samples, "throughput": state.throughput,
+                    "paper_metrics": {k: v["metrics"] for k, v in state.paper.items()}}, indent=2, default=str) + "\n"
     )  # fmt: skip

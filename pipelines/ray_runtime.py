@@ -11,6 +11,11 @@ import tempfile
 
 # the private local Ray of this process, if it started one: (temp folder, pids of the processes it runs)
 _LOCAL: dict = {}
+# Background work a private Ray on one machine does not need, which otherwise takes cores from training on a small
+# machine (bench/trainer_overhead.py: Ray's daemons and helper actors together held ~0.18 of 2 cores while two
+# workers trained): metrics export to Prometheus (nothing scrapes a private Ray) and Ray Train's node-preemption
+# watcher (one machine has nobody to drain it). Each yields to a value already in the environment.
+PRIVATE_RAY_QUIET = {"RAY_enable_metrics_collection": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def ensure_ray(num_cpus: int | None = None, local: bool = False, log_to_driver: bool = True) -> None:
@@ -50,9 +55,11 @@ def ensure_ray(num_cpus: int | None = None, local: bool = False, log_to_driver: 
     # port chosen here, on loopback, and RAY_ADDRESS names it in the environment the raylet and its workers
     # inherit.
     port = _free_port()
-    _LOCAL["env"] = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    _LOCAL["env"] = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", *PRIVATE_RAY_QUIET)}
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    for key, value in PRIVATE_RAY_QUIET.items():
+        os.environ.setdefault(key, value)
     ray.init(
         address="local",
         num_cpus=num_cpus,

@@ -52,8 +52,10 @@ class DataSection:
     split: str = "train"
     batch_size: int = 8  # per worker micro-batch
     grad_accum: int = 1
-    prefetch_batches: int = 2
-    shuffle_buffer: int = 64  # local shuffle buffer (rows) on top of the per-epoch file shuffle
+    prefetch_batches: int = 2  # chunks (of shuffle_buffer rows) Ray Data fetches ahead of training
+    # rows a worker takes from Ray Data at a time and shuffles together (rounded up to whole micro-batches, at
+    # least 4), on top of the per-epoch file shuffle; 0 keeps the rows of each chunk in file order
+    shuffle_buffer: int = 64
     holdout_split: str = "test"  # where the fixed sample-grid conditions come from
     # MMFace-DiT: share of samples conditioned on the sketch instead of the mask, when both exist (paper: 0.5)
     sketch_fraction: float = 0.5

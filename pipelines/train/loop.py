@@ -171,6 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     config = config_from_dict(loop_config["config"])
     manifest = loop_config["manifest"]
+    startup = Startup(loop_config.get("startup"))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -189,6 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if config.model.init_from:
         load_initial_weights(model, config.model.init_from)
     model.to(device)
+    startup.mark("model")
     if config.train.compile:
         model.compile()  # in place: parameter names (checkpoints, EMA) stay those of the eager model
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -203,6 +205,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         config=deepspeed_config(config),
         dist_init_required=False,
     )
+    startup.mark("deepspeed")
     ema = None
     if config.ema.enabled:
         from modeling.ema import EMA
@@ -226,62 +229,63 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     bar = _progress(config, step) if rank == 0 else None
     progress_file = ProgressFile(loop_config.get("run_dir"), config.train.max_steps) if rank == 0 else None
-    window = {"loss": torch.zeros((), device=device), "n": 0, "wait": 0.0, "t0": time.perf_counter()}
+    window = Window(device)
     holdout = None
     flops_per_sample = None if rank == 0 and device.type == "cuda" else 0.0
 
     while step < config.train.max_steps:
         rng = np.random.default_rng([config.run.seed, rank, epoch])
-        batches = shard.iter_torch_batches(
-            batch_size=config.data.batch_size,
-            collate_fn=lambda rows, rng=rng: task.collate(rows, rng),
-            prefetch_batches=config.data.prefetch_batches,
-            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-            local_shuffle_seed=config.run.seed + epoch if config.data.shuffle_buffer else None,
-            drop_last=True,
-        )
-        iterator = iter(batches)
+        iterator = shard_batches(shard, config, rng, task.collate)
         got_batch = False
         while step < config.train.max_steps:
-            waited = time.perf_counter()
+            window.lap()
             batch = next(iterator, None)
-            window["wait"] += time.perf_counter() - waited
+            window.lap("data_wait")
             if batch is None:
                 break
             got_batch = True
+            startup.mark("first_batch")
             batch = {k: _to(v, device, dtype) for k, v in batch.items()} | null
             generator = torch.Generator(device).manual_seed(hash((config.run.seed, rank, step, epoch)) % 2**63)
+            window.lap("to_device")
             # MFU needs the model FLOPs of a step: rank 0 counts its first forward + backward on GPU
             counter = FlopCounterMode(display=False) if flops_per_sample is None else nullcontext()
             with counter:
                 with autocast:
                     loss = task.loss(engine, batch, generator)
-                engine.backward(loss)
+                window.lap("forward")
+                engine.backward(loss)  # ZeRO reduces the gradients across ranks inside backward
+                window.lap("backward_allreduce")
             if flops_per_sample is None:
                 flops_per_sample = counter.get_total_flops() / config.data.batch_size
-            window["loss"] += loss.detach().float()
-            window["n"] += 1
+            window.add_loss(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
+            window.lap("optimizer")
             if not boundary:
                 continue
             step += 1
             if ema is not None:
                 with gathered(params, config.train.zero_stage):
                     ema.update(params)
+                window.lap("ema")
+            startup.mark("first_step")
             _maybe_inject_fault(config, loop_config, rank, step)
             if bar is not None:
                 bar.update(1)
                 progress_file.update(step)
+            window.lap("progress")
             if step % config.logging.log_every == 0 or step == config.train.max_steps:
-                elapsed = time.perf_counter() - window["t0"]
+                elapsed = window.elapsed()
                 stats = {
-                    "train/loss": float(window["loss"]) / max(1, window["n"]),
+                    "train/loss": window.mean_loss(),
                     "train/lr": float(scheduler.get_last_lr()[0]),
                     "train/grad_norm": _grad_norm(engine),
-                    "train/samples_per_s": global_batch * (window["n"] / config.data.grad_accum) / elapsed,
-                    "train/data_wait_frac": window["wait"] / elapsed,
-                    "train/epoch": epoch,
+                    "train/samples_per_s": global_batch * (window.n / config.data.grad_accum) / elapsed,
+                    "train/data_wait_frac": window.phases.get("data_wait", 0.0) / elapsed,
+                    "train/epoch": epoch * loop_config.get("epochs_per_pass", 1),
+                    **window.breakdown(config.data.grad_accum),
+                    **startup.report(),
                 }
                 if device.type == "cuda":
                     stats["sys/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -291,7 +295,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if metrics is not None:
                     metrics.add(step, stats)
                     bar.set_description(f"train {config.run.name} loss {stats['train/loss']:.4f}")
-                window = {"loss": torch.zeros((), device=device), "n": 0, "wait": 0.0, "t0": time.perf_counter()}
+                window = Window(device)
             sample_every = config.logging.sample_every
             if (
                 rank == 0
@@ -300,6 +304,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ):
                 holdout = holdout or load_holdout(task, config)
                 log_sample_grid(task, config, ema, holdout, null, step, metrics, device)
+                window.lap("samples")
             if step % config.checkpoint.every == 0 or step == config.train.max_steps:
                 save_and_report(
                     engine,
@@ -314,6 +319,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     stats_for_report(metrics),
                     loop_config.get("run_dir"),
                 )
+                window.lap("checkpoint")
         if not got_batch:
             raise RuntimeError(
                 f"worker {rank} got no batch of {config.data.batch_size} rows from {config.data.path}; "
@@ -322,6 +328,87 @@ def train_loop_per_worker(loop_config: dict) -> None:
         epoch += 1
     if bar is not None:
         bar.close()
+
+
+class Window:
+    """One logging window: the summed loss (kept on the device: no sync per step) and the seconds each phase of
+    the step took (``time/<phase>_ms`` per step when logged). On a GPU the phases are host time: kernels run
+    asynchronously, so they show where the host waits, not what the device computes."""
+
+    def __init__(self, device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.n = 0
+        self.phases: dict[str, float] = {}
+        self.t0 = self.last = time.perf_counter()
+
+    def lap(self, phase: str | None = None) -> None:
+        now = time.perf_counter()
+        if phase is not None:
+            self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss += loss.detach().float()
+        self.n += 1
+
+    def mean_loss(self) -> float:
+        return float(self.loss) / max(1, self.n)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def breakdown(self, grad_accum: int) -> dict[str, float]:
+        steps = max(1, self.n // grad_accum)
+        timed = {f"time/{k}_ms": 1000 * v / steps for k, v in self.phases.items()}
+        timed["time/other_ms"] = max(0.0, 1000 * (self.elapsed() - sum(self.phases.values())) / steps)
+        return timed
+
+
+class Startup:
+    """Seconds from the moment the driver's ``train`` was called to each milestone of a worker's start, reported
+    with the first logged metrics (``startup/*_s``): the driver's own marks come in ``loop_config``."""
+
+    def __init__(self, driver: dict | None) -> None:
+        self.t0 = (driver or {}).get("t0")
+        self.marks = {k: v for k, v in (driver or {}).items() if k != "t0"}
+        self.reported = False
+        self.mark("worker")
+
+    def mark(self, name: str) -> None:
+        if self.t0 is not None and name not in self.marks:
+            self.marks[name] = time.time() - self.t0
+
+    def report(self) -> dict[str, float]:
+        if self.reported or self.t0 is None:
+            return {}
+        self.reported = True
+        return {f"startup/{k}_s": v for k, v in self.marks.items()}
+
+
+def shard_chunk_rows(config: TrainConfig) -> int:
+    """Rows a worker takes from Ray Data at a time and shuffles together: ``data.shuffle_buffer`` rounded up to
+    whole micro-batches, at least four of them."""
+    b = config.data.batch_size
+    return b * max(4, -(-config.data.shuffle_buffer // b))
+
+
+def shard_batches(shard, config: TrainConfig, rng: np.random.Generator, collate):
+    """One epoch of this worker's micro-batches: chunks of ``shard_chunk_rows`` rows from the Ray Data shard (in
+    the epoch's file order), each shuffled with ``rng`` and cut into collated micro-batches; fewer than
+    ``batch_size`` rows left at the end of the epoch are dropped.
+
+    Ray Data's own per-batch path (block slicing, a local shuffle buffer, formatting and the collate in a
+    prefetch thread) runs once per chunk instead of once per step: it shares the worker's cores with training,
+    and per step it cost more than the collate itself."""
+    b = config.data.batch_size
+    for chunk in shard.iter_batches(
+        batch_size=shard_chunk_rows(config), batch_format="numpy", prefetch_batches=config.data.prefetch_batches
+    ):
+        n = len(next(iter(chunk.values())))
+        order = rng.permutation(n) if config.data.shuffle_buffer else np.arange(n)
+        for start in range(0, n - b + 1, b):
+            pick = order[start : start + b]
+            yield collate({k: v[pick] for k, v in chunk.items()}, rng)
 
 
 def stats_for_report(metrics: MetricBuffer | None) -> dict:

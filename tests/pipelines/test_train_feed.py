@@ -1,0 +1,76 @@
+"""How a training worker takes its rows from Ray Data, and the per-step accounting the trainer logs."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from pipelines.train.config import TrainConfig
+from pipelines.train.loop import Window, shard_batches, shard_chunk_rows
+
+
+def _config(batch: int, shuffle: int) -> TrainConfig:
+    config = TrainConfig()
+    config.data.batch_size = batch
+    config.data.shuffle_buffer = shuffle
+    return config
+
+
+def _ids(rows: dict, rng) -> list[int]:
+    return [int(i) for i in rows["id"]]
+
+
+@pytest.fixture(scope="module")
+def dataset(ray_local):
+    import ray
+
+    return ray.data.range(100).map_batches(lambda b: {"id": b["id"], "x": b["id"] * 2.0}, batch_format="numpy")
+
+
+def test_an_epoch_yields_every_row_at_most_once_in_whole_batches(dataset):
+    config = _config(batch=8, shuffle=16)
+    assert shard_chunk_rows(config) == 32  # at least four micro-batches per chunk
+    batches = list(shard_batches(dataset, config, np.random.default_rng(0), _ids))
+    assert all(len(b) == 8 for b in batches)
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen)) == 96  # 100 rows: the last 4 do not fill a batch and are dropped
+    assert seen != sorted(seen)  # shuffled within chunks
+
+
+def test_the_order_follows_the_seed_and_no_shuffle_keeps_file_order(dataset):
+    config = _config(batch=8, shuffle=16)
+    first = list(shard_batches(dataset, config, np.random.default_rng(1), _ids))
+    again = list(shard_batches(dataset, config, np.random.default_rng(1), _ids))
+    other = list(shard_batches(dataset, config, np.random.default_rng(2), _ids))
+    assert first == again and first != other
+    plain = [i for b in shard_batches(dataset, _config(batch=8, shuffle=0), np.random.default_rng(1), _ids) for i in b]
+    assert plain == list(range(96))
+
+
+def test_the_collate_gets_numpy_columns_of_the_picked_rows(dataset):
+    def collate(rows, rng):
+        assert isinstance(rows["x"], np.ndarray) and rows["x"].shape == (4,)
+        np.testing.assert_array_equal(rows["x"], rows["id"] * 2.0)  # columns stay aligned row by row
+        return rows
+
+    assert len(list(shard_batches(dataset, _config(batch=4, shuffle=0), np.random.default_rng(0), collate))) == 25
+
+
+def test_the_window_breakdown_accounts_for_the_elapsed_time():
+    import torch
+
+    window = Window(torch.device("cpu"))
+    for _ in range(3):
+        window.lap()
+        time.sleep(0.01)
+        window.lap("forward")
+        time.sleep(0.002)
+        window.add_loss(torch.tensor(2.0))
+    window.lap("optimizer")
+    timed = window.breakdown(grad_accum=1)
+    assert timed["time/forward_ms"] >= 10 and timed["time/optimizer_ms"] > 0
+    total = sum(timed.values()) * 3 / 1000
+    assert total == pytest.approx(window.elapsed(), rel=0.05)
+    assert window.mean_loss() == 2.0
