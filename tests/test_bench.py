@@ -2,6 +2,7 @@
 the Serve benchmark (its --quick size)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,26 @@ def test_serve_bench_quick_prints_the_contract_last():
     assert max(r["mean_batch"] for r in [rows["batched", 8], load]) > 1
     assert set(result["bare"]) == {"1", "8"} and all(v > 0 for v in result["bare"].values())
     assert result["batching_speedup"] > 0 and result["serve_vs_bare"] > 0
+
+
+@pytest.mark.slow
+def test_trainer_overhead_prints_the_contract_last(prepared, tmp_path):
+    # a subprocess: the bench starts its own private Ray; the reference loop and the trainer run the same steps
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "bench/trainer_overhead.py", "--data", str(prepared), "--steps", "3",
+         "--configs", "configs/mmface_dit_tiny.yaml", "--modes", "bare", "trainer"],
+        cwd=root, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    (config,) = result["configs"]
+    assert config["bare_samples_per_s"] > 0 and config["trainer_samples_per_s"] > 0
+    assert config["ratio"] == pytest.approx(config["trainer_samples_per_s"] / config["bare_samples_per_s"], rel=1e-2)
+    # the trainer's own per-step breakdown and start-up milestones, in the order they happen
+    assert {"data_wait", "forward", "backward_allreduce", "optimizer", "ema"} <= set(config["breakdown_ms"])
+    marks = [config["startup_s"][k] for k in ("mlflow", "dataset", "worker", "deepspeed", "first_batch")]
+    assert marks == sorted(marks)
+    startup = config["startup_s"]
+    assert startup["first_batch"] <= config["first_step_s"]

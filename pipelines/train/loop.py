@@ -165,13 +165,14 @@ class MetricBuffer:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    startup = Startup(loop_config.get("startup"))
     import deepspeed
     import ray.train
     import ray.train.torch
 
+    startup.mark("imports")
     config = config_from_dict(loop_config["config"])
     manifest = loop_config["manifest"]
-    startup = Startup(loop_config.get("startup"))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
