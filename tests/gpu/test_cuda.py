@@ -128,9 +128,10 @@ def _face_mask(size: int = 64) -> np.ndarray:
     return labels
 
 
-# bf16 keeps ~3 significant digits; over 10 sampling steps of a tiny model the uint8 images stay this close
-AUTOCAST_MEAN_LEVELS = 3.0  # mean |difference| in 0..255 levels
-AUTOCAST_PSNR_DB = 30.0
+# bf16 autocast against fp32 over 10 sampling steps of these weights, emulated on a CPU (torch.autocast("cpu")):
+# mean 0.12-0.26 levels, max 2, 53-57 dB; another seed differs by ~110 levels. Bars with room for CUDA's kernels:
+AUTOCAST_MEAN_LEVELS = 1.5  # mean |difference| in 0..255 levels
+AUTOCAST_PSNR_DB = 40.0
 
 
 @pytest.mark.parametrize("arch", ["mmface-dit", "face-mogle"])

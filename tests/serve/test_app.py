@@ -334,6 +334,9 @@ def test_the_page_generates_a_face_from_a_prompt_and_an_uploaded_mask(server, tm
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+EXIT_LIMIT_S = 45  # Ctrl-C to exit, and its Ray gone: three times the 15 s a loaded 2-core machine sometimes missed
+
+
 @pytest.mark.slow
 def test_faceforge_serve_and_generate_then_ctrl_c_leaves_nothing_running(server, tmp_path):
     port = free_port()
@@ -378,13 +381,13 @@ def test_faceforge_serve_and_generate_then_ctrl_c_leaves_nothing_running(server,
         assert "raylet" in names and "gcs_server" in names, names  # its own Ray, started by the command
         started = time.time()
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=15)
+        proc.wait(timeout=EXIT_LIMIT_S)
         took = time.time() - started
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert took < 15 and proc.returncode == 0
-    _, survivors = psutil.wait_procs(ray_processes, timeout=10)
+    assert took < EXIT_LIMIT_S and proc.returncode == 0
+    _, survivors = psutil.wait_procs(ray_processes, timeout=EXIT_LIMIT_S)  # returns once they are gone
     survivors = [p for p in survivors if p.status() != psutil.STATUS_ZOMBIE]
     assert not survivors, f"Ray processes outlived faceforge serve: {survivors}"
 
