@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast lint format bench clean browser
+.PHONY: venv demo test test-fast test-gpu lint format bench clean browser
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ browser:
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu and not slow" --timeout=600
+
+# the CUDA-only paths (tests/gpu): bf16 DeepSpeed, MFU, autocast, a GPU Serve replica; each skips without CUDA
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu --timeout=900
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

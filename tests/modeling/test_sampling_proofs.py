@@ -162,6 +162,7 @@ def _mmface_conditions(faces) -> dict:
     }
 
 
+@pytest.mark.slow  # 400-500 optimizer steps
 @pytest.mark.parametrize("kind", ["flow", "ddpm"])
 def test_mmface_dit_samples_its_training_faces_back(faces, kind):
     from modeling.diffusion import ObjectiveConfig, SamplerConfig, sample, training_loss
@@ -211,6 +212,7 @@ def test_mmface_dit_sampler_recovers_the_target_of_an_exact_denoiser(faces, kind
         assert reached < EXACT_BROKEN_BAR, (name, reached)
 
 
+@pytest.mark.slow  # 400-500 optimizer steps
 def test_face_mogle_samples_its_training_faces_back(faces):
     from modeling.face_mogle import PRESETS, FaceMoGLE, sample, training_loss
 

@@ -101,6 +101,7 @@ def short_recipe(ray_local, tmp_path_factory):
         yield {"root": root, "parser": parser, "uri": f"sqlite:///{root / 'mlflow.db'}"}
 
 
+@pytest.mark.slow  # the short recipe: prepare 400 faces, train a parser and 400 steps of MMFace-DiT
 def test_short_recipe_follows_masks_and_captions_far_above_chance(short_recipe):
     from mlflow import MlflowClient
 
@@ -132,6 +133,7 @@ def test_short_recipe_follows_masks_and_captions_far_above_chance(short_recipe):
         assert "eval/hair_color_acc" in logged
 
 
+@pytest.mark.slow  # the short recipe: prepare 400 faces, train a parser and 400 steps of MMFace-DiT
 def test_eval_refuses_a_dataset_without_known_attributes_in_one_line(short_recipe, tmp_path, capsys):
     import shutil
 

@@ -64,9 +64,16 @@ def test_every_record_is_written_or_rejected_with_a_reason(ray_local, broken_roo
     assert set(rows).isdisjoint(rejects) and len(rows) == counts["n_written"]
     assert set(rows) | set(rejects) == {str(i) for i in range(72)} | {"016", "80", "cover"}
     assert rows["32"]["captions"] == ["A face with red hair."]  # terminal colours and control bytes cleaned away
+    # each record lands in the split its id names (synth.json: ids from test_from on are test), both splits
+    # are present, and the per-split counts add up to what was written and rejected there
+    split_of = open_reader("celebamask-hq", root).split_of
+    assert {split_of(i) for i in rows} == {"train", "test"} and set(counts["splits"]) == {"train", "test"}
     for split, split_counts in counts["splits"].items():
+        written = {i for i, row in rows.items() if row["split"] == split}
+        assert written == {i for i in rows if split_of(i) == split}, split
+        rejected = sum(split_of(i) == split for i in rejects)
+        assert (split_counts["n_written"], split_counts["n_rejected"]) == (len(written), rejected), split
         assert split_counts["n_input"] == split_counts["n_written"] + split_counts["n_rejected"]
-        assert all(rows[i]["split"] == split for i in rows if rows[i]["split"] == split)
 
 
 def test_rows_hold_latents_masks_and_text_for_both_models(prepared, synth_root):
