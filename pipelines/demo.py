@@ -158,23 +158,22 @@ def _stages(plan: DemoPlan, state: DemoState, serve_samples: bool):
         return train_stage
 
     def evaluate_models(stage) -> str:
-        from pipelines.eval.paper import PaperEvalOptions, evaluate_paper
         from pipelines.eval.run import evaluate
 
         results = []
         models = ("mmface-dit-tiny", "face-mogle-tiny")
         for i, run in enumerate(models):
-            result = evaluate(runs / run, prepared, parser, n=plan.eval_n, out=w / "eval" / f"{run}.json")
+            # the yardstick's images also get the paper metrics (FID, KID, LPIPS, SSIM, MS-SSIM; embedded judges)
+            out = w / "eval" / f"{run}.json"
+            result = evaluate(runs / run, prepared, parser, n=plan.eval_n, out=out, paper=True)
             state.evals[run] = result
-            stage.update(2 * i + 1, 2 * len(models) + 1, "measurements")
-            options = PaperEvalOptions(data=str(prepared), n=plan.eval_n, out=str(w / "eval" / f"{run}-paper.json"))
-            state.paper[run] = evaluate_paper(runs / run, options)
-            stage.update(2 * i + 2, 2 * len(models) + 1, "measurements")
+            state.paper[run] = result["paper"]
+            stage.update(i + 1, len(models) + 1, "measurements")
             hair = result["attributes"]["hair_color"]["accuracy"]
-            fid = state.paper[run]["metrics"].get("fid")
+            fid = result["paper"]["metrics"].get("fid")
             results.append(f"{run}: mIoU {result['miou']}, hair {hair}, FID {_number(fid)}")
         state.throughput = _trainer_vs_bare(state, prepared, runs)
-        stage.update(2 * len(models) + 1, 2 * len(models) + 1, "measurements")
+        stage.update(len(models) + 1, len(models) + 1, "measurements")
         return "; ".join(results)
 
     def publish_models(stage) -> str:

@@ -166,6 +166,37 @@ class Judge:
         }
 
 
+def score_images(generated: np.ndarray, real: np.ndarray, batch: int = 16) -> dict:
+    """FID, KID, LPIPS, SSIM and MS-SSIM of ``generated`` (N, H, W, 3) uint8 against the paired ``real`` images, in
+    this process with the embedded Inception and LPIPS judges (the judges that need masks, captions or CLIP/DINO
+    weights read "skipped: ..."). ``faceforge demo`` scores the yardstick's own images this way: the same faces a
+    second time through ``evaluate_paper``'s Ray Data job would double the generation and start two actor pools."""
+    import torch
+
+    from modeling.judges import Judges, load_inception, load_lpips
+    from modeling.metrics import MetricTally, score_batch
+
+    judges = Judges(device=torch.device("cpu"), inception=load_inception(None), lpips=load_lpips(None))
+    for name, why in (("face_parser", "not used (no masks given)"), ("clip", "not used"), ("dino", "not used")):
+        judges.skipped[name] = f"skipped: {why}"
+    tally = MetricTally(judges.loaded(), judges.skipped, SUITE)
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)  # noqa: E731
+    for start in range(0, len(generated), batch):
+        chunk = slice(start, start + batch)
+        tally.add(score_batch(judges, as_tensor(generated[chunk]), real=as_tensor(real[chunk]), config=SUITE))
+    size = generated.shape[1]
+    metrics = {k: v for k, v in tally.compute().items() if k in ("fid", "kid", "lpips", "ssim", "ms_ssim")}
+    return {
+        "task": "text+mask",
+        "metrics": metrics,
+        "n": len(generated),
+        "size": size,
+        "ms_ssim_method": ms_ssim_plan(size, SUITE.ms_ssim_small, SUITE.ms_ssim_min_size).describe(size),
+        "kid_scale": "x1000",
+        "mlflow_prefix": mlflow_prefix("text+mask"),
+    }
+
+
 def judge_paths(judges: str | None) -> dict:
     """The embedded Inception, LPIPS and BiSeNet weights; CLIP and DINO from ``judges/clip`` and ``judges/dino``."""
     if judges is None:

@@ -62,8 +62,11 @@ def evaluate(
     out: str | Path | None = None,
     log_to_mlflow: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    paper: bool = False,
 ) -> dict:
-    """Scores a checkpoint (or a run folder: its newest complete checkpoint) on the synthetic yardstick."""
+    """Scores a checkpoint (or a run folder: its newest complete checkpoint) on the synthetic yardstick; with
+    ``paper``, the same images also get the papers' FID, KID, LPIPS, SSIM and MS-SSIM against the real faces
+    (``result["paper"]``, MLflow ``eval/paper/...``)."""
     import torch
 
     from modeling.generator import FaceGenerator, GenerationRequest
@@ -101,14 +104,23 @@ def evaluate(
         "images_per_s": round(len(ids) / seconds, 2),
         "prompts": prompts[:4],
     }
+    reals = [real_image(data, i, labels.shape[1]) for i in ids]
+    metrics = None
+    if paper:
+        from pipelines.eval.paper import score_images
+        from pipelines.eval.yardstick import flat_metrics
+
+        result["paper"] = score_images(images, np.stack(reals))
+        numbers = {k: v for k, v in result["paper"]["metrics"].items() if isinstance(v, float)}
+        metrics = flat_metrics(result) | {result["paper"]["mlflow_prefix"] + k: v for k, v in numbers.items()}
     out = Path(out) if out else checkpoint / "eval" / "yardstick.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     grid = out.with_suffix(".png")
-    save_grid(grid, labels[:8], images[:8], [real_image(data, i, labels.shape[1]) for i in ids[:8]])
+    save_grid(grid, labels[:8], images[:8], reals[:8])
     result["json"], result["grid"] = str(out), str(grid)
     if log_to_mlflow:
-        result["mlflow_run_id"] = log_result(checkpoint, result, [out, grid])
+        result["mlflow_run_id"] = log_result(checkpoint, result, [out, grid], metrics=metrics)
     return result
 
 
