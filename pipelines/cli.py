@@ -162,6 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             model=args.model,
             token=args.token,
+            example=args.example,
         )
     except ClientError as error:
         print(f"faceforge: {error}", file=sys.stderr)
@@ -404,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     gen.add_argument("--model", help="NAME, NAME/VERSION or NAME@ALIAS (default: the server's default)")
     gen.add_argument("--token", help="API token (default: $FACEFORGE_API_TOKEN)")
+    gen.add_argument(
+        "--example",
+        type=int,
+        metavar="K",
+        help="use the model's example K (GET /v1/models): its mask, and its caption unless --prompt is given",
+    )
     gen.add_argument("--out", required=True, help="folder for the PNGs")
     gen.set_defaults(func=cmd_generate)
 
