@@ -58,6 +58,7 @@ class DemoState:
     timings: dict[str, float] = field(default_factory=dict)
     runs: dict[str, dict] = field(default_factory=dict)
     evals: dict[str, dict] = field(default_factory=dict)
+    evals_text: dict[str, dict] = field(default_factory=dict)  # the same captions, no mask
     published: dict[str, dict] = field(default_factory=dict)
     samples: dict[str, str] = field(default_factory=dict)
 
@@ -162,9 +163,12 @@ def _stages(plan: DemoPlan, state: DemoState, serve_samples: bool):
         for i, run in enumerate(("mmface-dit-tiny", "face-mogle-tiny")):
             result = evaluate(runs / run, prepared, parser, n=plan.eval_n, out=w / "eval" / f"{run}.json")
             state.evals[run] = result
-            stage.update(i + 1, 2, "models")
             hair = result["attributes"]["hair_color"]["accuracy"]
             results.append(f"{run}: mIoU {result['miou']}, hair {hair}")
+            if run == "mmface-dit-tiny":  # Face-MoGLE never generates without a mask (its default layout stands in)
+                text = w / "eval" / f"{run}-text.json"
+                state.evals_text[run] = evaluate(runs / run, prepared, parser, n=plan.eval_n, out=text, text_only=True)
+            stage.update(i + 1, 2, "models")
         return "; ".join(results)
 
     def publish_models(stage) -> str:
@@ -286,6 +290,12 @@ def _say_where(console, state: DemoState, total: float) -> None:
             f"shuffled {result['miou_shuffled']:.2f}); hair colour {attrs['hair_color']['accuracy']:.2f} "
             f"(chance {attrs['hair_color']['chance']:.2f}); background {attrs['background_color']['accuracy']:.2f} "
             f"(chance {attrs['background_color']['chance']:.2f})"
+        )
+    for run, result in state.evals_text.items():
+        attrs = result["attributes"]
+        lines.append(
+            f"  {run:16s} from text alone: faces {result['face_rate']:.2f}; hair colour "
+            f"{attrs['hair_color']['accuracy']:.2f}; background {attrs['background_color']['accuracy']:.2f}"
         )
     lines += [
         "",
