@@ -156,9 +156,11 @@ class Registry:
                 mlflow.artifacts.download_artifacts(
                     artifact_uri=f"{source}/artifacts/examples", dst_path=str(staging), tracking_uri=self.uri
                 )
-            except (MlflowException, OSError):
+            except (MlflowException, OSError):  # published before examples existed, or by hand
                 shutil.rmtree(staging, ignore_errors=True)
-                return []  # published before examples existed, or by hand
+                with self._lock:
+                    self._examples[ref] = []
+                return []
             shutil.rmtree(target, ignore_errors=True)
             try:
                 os.rename(staging, target)
