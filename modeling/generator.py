@@ -81,9 +81,13 @@ class FaceGenerator:
         device: str | torch.device = "cpu",
         weights: WeightsChoice = "auto",
         base_from: str | Path | None = None,
+        default_layout: np.ndarray | None = None,
     ) -> None:
         """``weights``: "ema" (the averaged weights), "raw" (the optimizer's), "auto" (EMA when saved).
-        ``base_from`` overrides the config's Face-MoGLE base (e.g. a base shipped inside a registered model)."""
+        ``base_from`` overrides the config's Face-MoGLE base (e.g. a base shipped inside a registered model).
+        ``default_layout`` (labels): the face layout a Face-MoGLE request without a mask is generated on (the
+        published model's most typical example, ``modeling.examples``); None: an all-background mask, the
+        papers' text-to-face protocol."""
         from modeling.codecs import load_codec
         from modeling.text_encoders import load_text_encoder
 
@@ -100,6 +104,7 @@ class FaceGenerator:
             torch.set_flush_denormal(True)  # denormals (softmax tails) cost x86 CPUs tens of times the time
         state, self.config = load_weights(folder, ema=use_ema)
         self.folder = folder
+        self.default_layout = default_layout
         self.arch = self.config["arch"]
         self.size = int(self.config["size"])
         self.defaults = sampler_defaults(self.config)
@@ -149,6 +154,18 @@ class FaceGenerator:
         if request.sketch is not None and request.mask is not None:
             raise ValueError(f"{self.arch} is conditioned on a mask or a sketch, not both; send one of them")
 
+    def uses_default_layout(self, request: GenerationRequest) -> bool:
+        """Whether the default face layout stands in for this request's missing mask (Face-MoGLE needs a mask;
+        MMFace-DiT generates from text alone, its spatial condition dropped as in training)."""
+        return self.arch == "face-mogle" and request.mask is None and self.default_layout is not None
+
+    def _labels(self, request: GenerationRequest) -> np.ndarray:
+        if request.mask is not None:
+            return resize_labels(request.mask, self.size)
+        if self.uses_default_layout(request):
+            return resize_labels(self.default_layout, self.size)
+        return np.zeros((self.size, self.size), np.uint8)
+
     @torch.no_grad()
     def generate(
         self, requests: list[GenerationRequest], steps: int | None = None, guidance: float | None = None
@@ -171,17 +188,14 @@ class FaceGenerator:
         emb = self.text.encode([r.prompt for r in requests])
         conditions = {"text": emb.seq, "text_mask": emb.mask, "pooled": emb.pooled}
         conditions |= {k: v.to(self.device) for k, v in self.null.items()}
-        labels = [
-            resize_labels(r.mask, self.size) if r.mask is not None else np.zeros((self.size, self.size), np.uint8)
-            for r in requests
-        ]
+        labels = [self._labels(r) for r in requests]
         seeds = [r.seed for r in requests]
         if self.arch == "mmface-dit":
             latents = self._sample_mmface(requests, labels, conditions, seeds, steps, guidance)
         else:
             from modeling.face_mogle import sample
 
-            # an absent mask is all background: text-only generation (SPEC §2)
+            # an absent mask is the default layout, else all background (the papers' text-only protocol, SPEC §2)
             conditions["cond_latents"] = torch.stack([self._encode(mogle_condition_images(lab)) for lab in labels])
             cfg = self.model.cfg
             latents = sample(

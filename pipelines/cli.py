@@ -162,6 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             model=args.model,
             token=args.token,
+            example=args.example,
         )
     except ClientError as error:
         print(f"faceforge: {error}", file=sys.stderr)
@@ -242,7 +243,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if not args.data or not args.parser:
         raise UserError("faceforge eval RUN needs --data PREPARED (a synthetic dataset) and --parser DIR")
-    result = evaluate(target, args.data, args.parser, n=args.n, steps=args.steps, guidance=args.guidance, out=args.out)
+    if args.task not in ("text+mask", "text"):
+        raise UserError(f"faceforge eval: --task {args.task} needs --metrics paper (the yardstick: text+mask or text)")
+    result = evaluate(target, args.data, args.parser, n=args.n, steps=args.steps, guidance=args.guidance, out=args.out,
+                      text_only=args.task == "text")  # fmt: skip
     print(json.dumps({k: v for k, v in result.items() if k != "prompts"}, indent=2))
     return 0
 
@@ -360,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--storage", default="runs", help="the runs folder (default runs)")
     publish.add_argument("--checkpoint", help="checkpoint folder (default: the run's latest)")
     publish.add_argument("--alias", help="point this alias (e.g. champion) of the registered model at the new version")
+    publish.add_argument(
+        "--examples-from",
+        help="prepared dataset whose held-out masks, sketches and captions ship as the version's examples "
+        "(default: the data the run trained on)",
+    )
     publish.set_defaults(func=cmd_publish)
 
     srv = sub.add_parser(
@@ -396,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     gen.add_argument("--model", help="NAME, NAME/VERSION or NAME@ALIAS (default: the server's default)")
     gen.add_argument("--token", help="API token (default: $FACEFORGE_API_TOKEN)")
+    gen.add_argument(
+        "--example",
+        type=int,
+        metavar="K",
+        help="use the model's example K (GET /v1/models): its mask, and its caption unless --prompt is given",
+    )
     gen.add_argument("--out", required=True, help="folder for the PNGs")
     gen.set_defaults(func=cmd_generate)
 
@@ -434,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--task",
         default="text+mask",
         choices=("text+mask", "mask", "text", "text+sketch"),
-        help="paper: the conditions given to the model (default text+mask)",
+        help="the conditions given to the model (default text+mask); the yardstick takes text+mask or text (captions "
+        "alone: scores how many are faces and the colours stated, read where the parser finds each part)",
     )
     ev.add_argument(
         "--judges",

@@ -122,6 +122,19 @@ def _loss_history(run_id: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in history)
 
 
+def _text_only(result: dict | None) -> str:
+    """One line for the yardstick from captions alone (no mask), when the demo measured it."""
+    if not result:
+        return ""
+    attrs = result["attributes"]
+    return (
+        f"<p>From text alone (no mask): the parser finds a face in {result['face_rate']:.0%} of the images; hair "
+        f"colour {attrs['hair_color']['accuracy']}, background colour {attrs['background_color']['accuracy']} "
+        f"(read where the parser finds hair and background; chance {attrs['hair_color']['chance']} and "
+        f"{attrs['background_color']['chance']}).</p>"
+    )
+
+
 def write_report(state, plan) -> Path:
     """``state``: the demo's ``DemoState``; ``plan``: its ``DemoPlan``."""
     from pipelines.progress import duration
@@ -143,7 +156,7 @@ def write_report(state, plan) -> Path:
             f"guidance {result['guidance']}; registered as <code>{html.escape(published.get('model_uri', '–'))}"
             f"</code>. Held-out faces: {result['n']}; judge: synthetic parser with pixel accuracy "
             f"{result['parser']['pixel_accuracy']} on held-out renders.</p>"
-            f"{_yardstick_table(result)}"
+            f"{_yardstick_table(result)}{_text_only(state.evals_text.get(run))}"
             f"{_paper_table(getattr(state, 'paper', {}).get(run))}"
             f"<div class=row><div><h4>mask | generated | real (evaluation)</h4>{_image(result.get('grid'), run)}</div>"
             f"<div><h4>through the Serve app (POST /v1/generate)</h4>"

@@ -206,9 +206,13 @@ class FaceforgeIngress:
         return {
             "default": default,
             "default_reference": self.default_reference,
-            "models": self.registry.describe(),
+            "models": self.registry.describe(self.settings.model_cache_dir()),
             "limits": self.settings.limits.__dict__,
         }
+
+    def _layout(self, ref) -> str | None:
+        shown = self.registry.examples(ref, self.settings.model_cache_dir())
+        return next((e["mask"] for e in shown if e["default_layout"]), None)
 
     @api.post(
         "/v1/generate",
@@ -249,7 +253,8 @@ class FaceforgeIngress:
                                 headers={"Retry-After": str(max(1, round(retry)))}) from None  # fmt: skip
         sizes = [r.batch_size for r in out["results"]]
         pngs = [r.png for r in out["results"]]
-        headers = {"X-Model": ref.id, "X-Seed": str(seeds[0]), "X-Batch-Size": str(max(sizes))}
+        headers = {"X-Model": ref.id, "X-Seed": str(seeds[0]), "X-Batch-Size": str(max(sizes)),
+                   "X-Default-Layout": str(any(out["default_layout"])).lower()}  # fmt: skip
         if body.n == 1 and "image/png" in request.headers.get("accept", ""):
             return Response(pngs[0], media_type="image/png", headers=headers)
         payload = GenerateResponse(
@@ -263,6 +268,8 @@ class FaceforgeIngress:
             batch_size=max(sizes),
             batch_sizes=sizes,
             seconds=round(time.perf_counter() - started, 4),
+            default_layout=any(out["default_layout"]),
+            layout=await asyncio.to_thread(self._layout, ref) if any(out["default_layout"]) else None,
         )
         return JSONResponse(payload.model_dump(), headers=headers)
 

@@ -46,6 +46,23 @@ def request_json(url: str, path: str, body: dict | None = None, token: str | Non
         raise ClientError(f"cannot reach {url}: {reason}; is `faceforge serve` running there?") from None
 
 
+def find_example(models: dict, reference: str | None, k: int) -> tuple[str, dict]:
+    """(the version's id, its example ``k``) from a ``GET /v1/models`` answer; ``reference`` as the API takes it
+    (``NAME/VERSION``, ``NAME@ALIAS``, ``NAME`` = newest, None = the server's default)."""
+    versions = {v["id"]: v for m in models["models"] for v in m["versions"]}
+    newest = {m["name"]: m["versions"][-1]["id"] for m in models["models"] if m["versions"]}
+    aliases = {f"{m['name']}@{a}": f"{m['name']}/{n}" for m in models["models"] for a, n in m["aliases"].items()}
+    chosen = reference or models.get("default")
+    version_id = versions.get(chosen, {}).get("id") or aliases.get(chosen) or newest.get(chosen)
+    if version_id is None:
+        raise ClientError(f"model {chosen!r} is not registered on the server; known: {', '.join(versions) or 'none'}")
+    examples = versions[version_id].get("examples") or []
+    if not 0 <= k < len(examples):
+        have = f"examples 0..{len(examples) - 1}" if examples else "no examples (publish it again with faceforge)"
+        raise ClientError(f"--example {k}: {version_id} has {have}")
+    return version_id, examples[k]
+
+
 def generate(
     url: str,
     out: str | Path,
@@ -58,9 +75,18 @@ def generate(
     guidance: float | None = None,
     model: str | None = None,
     token: str | None = None,
+    example: int | None = None,
 ) -> dict:
-    """Ask the server for ``n`` images and write them to ``out/<seed>.png``; returns the answer's metadata."""
+    """Ask the server for ``n`` images and write them to ``out/<seed>.png``; returns the answer's metadata.
+    ``example`` K: the model's example K (``GET /v1/models``) gives the mask and, unless ``prompt`` is set, the
+    caption, as a click on its thumbnail does on the page."""
     body: dict = {"prompt": prompt, "n": n}
+    if example is not None:
+        if mask is not None or sketch is not None:
+            raise ClientError("--example gives the mask; leave out --mask and --sketch")
+        version, chosen = find_example(request_json(url, "/v1/models", token=token), model, example)
+        body |= {"model": version, "mask": chosen["mask"], "prompt": prompt or chosen["caption"]}
+        model = None
     for key, value in (("seed", seed), ("steps", steps), ("guidance", guidance), ("model", model)):
         if value is not None:
             body[key] = value

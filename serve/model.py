@@ -66,7 +66,8 @@ def model_deployment(settings: ServeSettings):
 
             ref = ModelRef.parse_id(model_id)
             weights, base = await asyncio.to_thread(self.registry.fetch, ref, self.cache_dir)
-            return await asyncio.to_thread(FaceGenerator, weights, self.device, self.settings.weights, base)
+            layout = await asyncio.to_thread(default_layout, weights)
+            return await asyncio.to_thread(FaceGenerator, weights, self.device, self.settings.weights, base, layout)
 
         async def describe(self) -> dict:
             """What the model of the request's multiplexed id accepts (loads it when not loaded yet)."""
@@ -81,11 +82,18 @@ def model_deployment(settings: ServeSettings):
                     generator.check(_request(item))
                 except ValueError as error:
                     raise GenerationError(str(error)) from None
+                if generator.arch == "face-mogle" and item.mask is None and generator.default_layout is None:
+                    raise GenerationError(
+                        "this Face-MoGLE version has no default face layout (published without example conditions): "
+                        "send a mask, or publish it again with `faceforge publish RUN --examples-from PREPARED`"
+                    )
             steps = steps or generator.defaults.steps
             guidance = generator.defaults.guidance if guidance is None else float(guidance)
             queue = self._queue(steps, guidance)
             results = await asyncio.gather(*(queue(item) for item in items))
-            return {"results": results, "steps": steps, "guidance": guidance, "size": generator.size}
+            default = [generator.uses_default_layout(_request(item)) for item in items]
+            return {"results": results, "steps": steps, "guidance": guidance, "size": generator.size,
+                    "default_layout": default}  # fmt: skip
 
         def _queue(self, steps: int, guidance: float):
             key = (steps, guidance)
@@ -114,6 +122,17 @@ def model_deployment(settings: ServeSettings):
             return [ItemResult(png, len(items)) for png in pngs]
 
     return FaceModel
+
+
+def default_layout(weights):
+    """The default face layout shipped beside a registered version's weights (example 0 of its ``examples``
+    artifact, ``modeling.examples``); None for a version published without examples."""
+    from modeling.examples import load_examples
+
+    try:
+        return load_examples(weights.parent / "examples").layout
+    except FileNotFoundError:
+        return None
 
 
 def _request(item: Item):

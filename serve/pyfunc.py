@@ -32,9 +32,13 @@ def encode_png(image: np.ndarray) -> str:
 
 class FaceforgePyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        from modeling.examples import load_examples
         from modeling.generator import FaceGenerator
 
-        self.generator = FaceGenerator(context.artifacts["weights"], base_from=context.artifacts.get("base"))
+        layout = load_examples(context.artifacts["examples"]).layout if "examples" in context.artifacts else None
+        self.generator = FaceGenerator(
+            context.artifacts["weights"], base_from=context.artifacts.get("base"), default_layout=layout
+        )
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

@@ -54,6 +54,7 @@ class Registry:
         self.client = MlflowClient(self.uri, registry_uri=self.uri)
         self.ttl_s = ttl_s
         self._cache: dict[str, tuple[float, ModelRef]] = {}
+        self._examples: dict[ModelRef, list[dict]] = {}
         self._lock = threading.Lock()
 
     def model_names(self) -> list[str]:
@@ -104,8 +105,9 @@ class Registry:
         aliases = ", ".join(f"@{a}" for a in sorted(getattr(model, "aliases", {}) or {})) or "none"
         return f"unknown version or alias in {reference!r}; {name} has versions {versions} and aliases {aliases}"
 
-    def describe(self) -> list[dict]:
-        """Every faceforge registered model with its versions, aliases and what each version accepts."""
+    def describe(self, cache_dir: str | Path | None = None) -> list[dict]:
+        """Every faceforge registered model with its versions, aliases and what each version accepts; with
+        ``cache_dir``, each version's example conditions too (``examples``)."""
         out = []
         for name in self.model_names():
             model = self.client.get_registered_model(name)
@@ -129,8 +131,45 @@ class Registry:
                         "step": int(tags["step"]) if "step" in tags else None,
                     }
                 )
+                if cache_dir is not None:
+                    versions[-1]["examples"] = self.examples(ModelRef(name, int(v.version)), cache_dir)
             out.append({"name": name, "aliases": aliases, "versions": versions})
         return out
+
+    def examples(self, ref: ModelRef, cache_dir: str | Path) -> list[dict]:
+        """The version's example conditions as the API shows them (base64 PNG mask and sketch, caption, whether
+        it is the default layout); [] for a version published without them. Only the ``examples`` artifact is
+        downloaded (a few KiB, never the weights), once per version: a version's artifacts never change."""
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        with self._lock:
+            hit = self._examples.get(ref)
+        if hit is not None:
+            return hit
+        target = Path(cache_dir) / ref.name / f"{ref.version}-examples"
+        if not (target / "examples" / "examples.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{ref.version}-examples-", dir=target.parent))
+            source = self.client.get_model_version_download_uri(ref.name, str(ref.version)).rstrip("/")
+            try:
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{source}/artifacts/examples", dst_path=str(staging), tracking_uri=self.uri
+                )
+            except (MlflowException, OSError):  # published before examples existed, or by hand
+                shutil.rmtree(staging, ignore_errors=True)
+                with self._lock:
+                    self._examples[ref] = []
+                return []
+            shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+        shown = _examples_for_api(target / "examples")
+        with self._lock:
+            self._examples[ref] = shown
+        return shown
 
     def fetch(self, ref: ModelRef, cache_dir: str | Path) -> tuple[Path, Path | None]:
         """(weights folder, base folder or None) of a model version, downloaded once into ``cache_dir``."""
@@ -148,6 +187,28 @@ class Registry:
             except OSError:  # another replica finished first
                 shutil.rmtree(staging, ignore_errors=True)
         return model_artifacts(target, ref.id)
+
+
+def _examples_for_api(folder: Path) -> list[dict]:
+    import base64
+    import json
+
+    meta = json.loads((folder / "examples.json").read_text())
+
+    def b64(name: str | None) -> str | None:
+        return base64.b64encode((folder / name).read_bytes()).decode() if name else None
+
+    return [
+        {
+            "index": k,
+            "id": str(entry["id"]),
+            "caption": entry["caption"],
+            "mask": b64(entry["mask"]),
+            "sketch": b64(entry.get("sketch")),
+            "default_layout": k == meta.get("default_layout"),
+        }
+        for k, entry in enumerate(meta["examples"])
+    ]
 
 
 def model_artifacts(downloaded: Path, what: str) -> tuple[Path, Path | None]:

@@ -37,6 +37,21 @@ class GenerateResponse(BaseModel):
     batch_size: int = Field(description="the largest sampler batch any of this request's images ran in")
     batch_sizes: list[int]
     seconds: float
+    default_layout: bool = Field(
+        False,
+        description="true when the request had no mask and the model's default face layout (its most typical "
+        "held-out mask, example 0 of GET /v1/models) stood in for it (Face-MoGLE needs a mask)",
+    )
+    layout: str | None = Field(None, description="that default layout as a base64 colour-coded PNG, when used")
+
+
+class ExampleInfo(BaseModel):
+    index: int = Field(description="K of `faceforge generate --example K`")
+    id: str = Field(description="the held-out record it was drawn from")
+    caption: str
+    mask: str = Field(description="base64 colour-coded PNG at the model's resolution")
+    sketch: str | None = Field(description="base64 PNG (dark lines on white), for models that take sketches")
+    default_layout: bool = Field(description="this mask stands in when a request brings none (Face-MoGLE)")
 
 
 class ModelVersionInfo(BaseModel):
@@ -49,6 +64,9 @@ class ModelVersionInfo(BaseModel):
     default_steps: int | None
     default_guidance: float | None
     step: int | None
+    examples: list[ExampleInfo] = Field(
+        default_factory=list, description="held-out example conditions shipped with the version (publish)"
+    )
 
 
 class ModelInfo(BaseModel):

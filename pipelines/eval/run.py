@@ -62,17 +62,21 @@ def evaluate(
     out: str | Path | None = None,
     log_to_mlflow: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    text_only: bool = False,
     paper: bool = False,
 ) -> dict:
-    """Scores a checkpoint (or a run folder: its newest complete checkpoint) on the synthetic yardstick; with
-    ``paper``, the same images also get the papers' FID, KID, LPIPS, SSIM and MS-SSIM against the real faces
+    """Scores a checkpoint (or a run folder: its newest complete checkpoint) on the synthetic yardstick.
+
+    ``text_only``: the faces are generated from their captions alone (no mask), and scored by
+    ``score_text_only``: how many are faces, and each stated colour read inside the part the parser finds.
+    ``paper``: the same images also get the papers' FID, KID, LPIPS, SSIM and MS-SSIM against the real faces
     (``result["paper"]``, MLflow ``eval/paper/...``)."""
     import torch
 
     from modeling.generator import FaceGenerator, GenerationRequest
     from modeling.judges.synthetic_parser import load_parser
     from pipelines.data.synth import full_caption
-    from pipelines.eval.yardstick import score
+    from pipelines.eval.yardstick import score, score_text_only
 
     checkpoint = resolve_checkpoint(checkpoint)
     ids, labels, attributes = held_out(data, n)  # a dataset without known attributes fails before any loading
@@ -83,7 +87,7 @@ def evaluate(
     images = []
     for start in range(0, len(ids), batch):
         chunk = range(start, min(start + batch, len(ids)))
-        requests = [GenerationRequest(prompt=prompts[i], mask=labels[i], seed=i) for i in chunk]
+        requests = [GenerationRequest(prompt=prompts[i], mask=None if text_only else labels[i], seed=i) for i in chunk]
         images.extend(generator.generate(requests, steps=steps, guidance=guidance))
         if progress is not None:
             progress(chunk.stop, len(ids))
@@ -92,7 +96,7 @@ def evaluate(
     parsed = judge.parse(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
     if parsed.shape[1:] != labels.shape[1:]:
         raise ValueError(f"parser size {parsed.shape[1:]} differs from the data's {labels.shape[1:]}")
-    result = score(images, labels, parsed, attributes)
+    result = score_text_only(images, parsed, attributes) if text_only else score(images, labels, parsed, attributes)
     state = json.loads((checkpoint / STATE_FILE).read_text()) if (checkpoint / STATE_FILE).is_file() else {}
     result |= {
         "checkpoint": str(checkpoint),
@@ -104,20 +108,23 @@ def evaluate(
         "images_per_s": round(len(ids) / seconds, 2),
         "prompts": prompts[:4],
     }
+    from pipelines.eval.yardstick import flat_metrics
+
     reals = [real_image(data, i, labels.shape[1]) for i in ids]
-    metrics = None
+    metrics = flat_metrics(result, "eval/text_only/" if text_only else "eval/")
     if paper:
         from pipelines.eval.paper import score_images
-        from pipelines.eval.yardstick import flat_metrics
 
         result["paper"] = score_images(images, np.stack(reals))
         numbers = {k: v for k, v in result["paper"]["metrics"].items() if isinstance(v, float)}
-        metrics = flat_metrics(result) | {result["paper"]["mlflow_prefix"] + k: v for k, v in numbers.items()}
-    out = Path(out) if out else checkpoint / "eval" / "yardstick.json"
+        metrics |= {result["paper"]["mlflow_prefix"] + k: v for k, v in numbers.items()}
+    out = Path(out) if out else checkpoint / "eval" / ("yardstick-text.json" if text_only else "yardstick.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     grid = out.with_suffix(".png")
-    save_grid(grid, labels[:8], images[:8], reals[:8])
+    # text-only rows show what the parser found in place of the (unused) mask
+    shown = parsed[:8].astype(np.uint8) if text_only else labels[:8]
+    save_grid(grid, shown, images[:8], reals[:8])
     result["json"], result["grid"] = str(out), str(grid)
     if log_to_mlflow:
         result["mlflow_run_id"] = log_result(checkpoint, result, [out, grid], metrics=metrics)

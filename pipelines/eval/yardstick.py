@@ -60,15 +60,19 @@ def read_attribute(image: np.ndarray, region: np.ndarray, palette: dict) -> str 
     return names[int(((colours - median) ** 2).sum(1).argmin())]
 
 
-def _attribute_hits(images, labels, attributes, pairing) -> dict[str, list[bool]]:
+def _attribute_hits(images, labels, attributes, pairing, regions_of_image: bool = False) -> dict[str, list[bool]]:
+    """Per attribute, whether image j shows what caption i states, read inside the part's region of mask i
+    (``regions_of_image``: of ``labels[j]``, the parse of image j itself, when there was no mask)."""
     hits: dict[str, list[bool]] = {name: [] for name in ATTRIBUTES}
     for i, j in pairing:
         for name, (part, palette) in ATTRIBUTES.items():
             stated = attributes[i].get(name)
             if stated is None:
                 continue
-            got = read_attribute(images[j], labels[i] == part, palette)
-            if got is not None:
+            got = read_attribute(images[j], labels[j if regions_of_image else i] == part, palette)
+            if regions_of_image:  # a stated part the image does not draw counts as a miss
+                hits[name].append(got == stated)
+            elif got is not None:
                 hits[name].append(got == stated)
     return hits
 
@@ -100,6 +104,47 @@ def score(images: np.ndarray, labels: np.ndarray, parsed: np.ndarray, attributes
             "chance": round(1 / len(palette), 4),
             "shuffled": round(float(np.mean(other[name])), 4) if other[name] else None,
         }
+    return result
+
+
+# a parse "is a face" when skin and hair are both there and the face (all but background) is a real part of it
+FACE_MIN_SKIN, FACE_MIN_HAIR, FACE_MIN_FOREGROUND = 0.04, 0.02, 0.15
+
+
+def is_face(parsed: np.ndarray) -> bool:
+    """Whether the parser found a face in an image (``parsed``: its (S, S) labels), not background or noise."""
+    area = parsed.size
+    return bool(
+        (parsed == LABEL["skin"]).sum() >= FACE_MIN_SKIN * area
+        and (parsed == LABEL["hair"]).sum() >= FACE_MIN_HAIR * area
+        and (parsed != LABEL["background"]).sum() >= FACE_MIN_FOREGROUND * area
+    )
+
+
+def face_coverage(parsed: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the mask's face region (every class but background) that the parser also finds as face."""
+    region = mask != LABEL["background"]
+    return float((parsed[region] != LABEL["background"]).mean()) if region.any() else 0.0
+
+
+def score_text_only(images: np.ndarray, parsed: np.ndarray, attributes: list[dict[str, Any]]) -> dict:
+    """The yardstick of images generated from captions alone: how many are faces (``face_rate``), and each
+    stated colour read back inside the region where the parser finds that part in the image itself."""
+    n = len(images)
+    if n < 2:
+        raise ValueError("the yardstick needs at least 2 generated images (the shuffled baseline pairs them)")
+    own = _attribute_hits(images, parsed, attributes, [(i, i) for i in range(n)], regions_of_image=True)
+    other = _attribute_hits(images, parsed, attributes, [(i, (i + 1) % n) for i in range(n)], regions_of_image=True)
+    result: dict = {"n": n, "mode": "text", "face_rate": round(float(np.mean([is_face(p) for p in parsed])), 4)}
+    result["attributes"] = {
+        name: {
+            "accuracy": round(float(np.mean(own[name])), 4) if own[name] else None,
+            "n": len(own[name]),
+            "chance": round(1 / len(palette), 4),
+            "shuffled": round(float(np.mean(other[name])), 4) if other[name] else None,
+        }
+        for name, (_, palette) in ATTRIBUTES.items()
+    }
     return result
 
 

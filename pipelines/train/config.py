@@ -44,6 +44,10 @@ class ModelSection:
     # setting (MMFace-DiT 50 steps, CFG 7.5; Face-MoGLE 28 steps, guidance 3.5)
     sample_steps: int | None = None
     sample_guidance: float | None = None
+    # MMFace-DiT: share of samples whose spatial condition (mask or sketch latent) is dropped in training, so
+    # that text alone learns to draw a face; None = the paper's 5% (SPEC §1). Face-MoGLE never drops its global
+    # mask (its local-mask dropout is ``options.local_mask_dropout``)
+    cond_dropout: float | None = None
 
 
 @dataclass
@@ -164,6 +168,11 @@ class TrainConfig:
             problems.append(f"data.materialize={d.materialize!r}: auto, always or never")
         if not 0.0 <= d.sketch_fraction <= 1.0:
             problems.append(f"data.sketch_fraction={d.sketch_fraction}: a probability in [0, 1]")
+        if m.cond_dropout is not None:
+            if m.arch != "mmface-dit":
+                problems.append(f"model.cond_dropout={m.cond_dropout}: only MMFace-DiT drops its spatial condition")
+            elif not 0.0 <= m.cond_dropout <= 1.0:
+                problems.append(f"model.cond_dropout={m.cond_dropout}: a probability in [0, 1]")
         if t.schedule not in ("cosine", "constant"):
             problems.append(f"train.schedule={t.schedule!r}: cosine or constant")
         for name, value in (

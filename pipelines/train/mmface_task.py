@@ -20,10 +20,9 @@ class MMFaceDiTTask(Task):
         from modeling.diffusion import ObjectiveConfig
 
         m = self.config.model
-        return ObjectiveConfig(
-            kind="flow" if m.objective == "rfm" else "ddpm",
-            min_snr_gamma=m.min_snr_gamma,
-        )
+        dropout = {} if m.cond_dropout is None else {"cond_dropout": m.cond_dropout}
+        kind = "flow" if m.objective == "rfm" else "ddpm"
+        return ObjectiveConfig(kind=kind, min_snr_gamma=m.min_snr_gamma, **dropout)
 
     def collate(self, rows: dict, rng: np.random.Generator, fixed: bool = False) -> dict:
         batch = collate_common(rows, self.manifest, rng, caption=0 if fixed else None)
@@ -76,6 +75,7 @@ class MMFaceDiTTask(Task):
             "model": self.model_config.to_dict(),
             "objective": self.config.model.objective,
             "min_snr_gamma": self.config.model.min_snr_gamma,
+            "cond_dropout": self.objective.cond_dropout,
             "codec": self.manifest["codec"],
             "text_encoder": self.manifest["text_encoder"],
             "size": self.manifest["size"],

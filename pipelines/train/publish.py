@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,11 +49,22 @@ def _imported_run(client, weights: Path, config: dict) -> str:
     return run.info.run_id
 
 
-def publish(run: str, storage: str = "runs", checkpoint: str | None = None, alias: str | None = None) -> dict:
-    """Register the checkpoint's serving weights; ``alias`` (e.g. "champion") then points at the new version."""
+def publish(
+    run: str,
+    storage: str = "runs",
+    checkpoint: str | None = None,
+    alias: str | None = None,
+    examples_from: str | None = None,
+) -> dict:
+    """Register the checkpoint's serving weights; ``alias`` (e.g. "champion") then points at the new version.
+
+    The version carries example conditions (``modeling.examples``) drawn from the held-out split of
+    ``examples_from`` (a prepared dataset), by default the data the run trained on; a Face-MoGLE version
+    without them cannot generate from text alone (it has no default layout)."""
     import mlflow
     from mlflow import MlflowClient
 
+    from modeling.examples import save_examples
     from modeling.generator import accepted_inputs, read_weights_config, sampler_defaults
     from serve.pyfunc import FaceforgePyfunc
 
@@ -74,9 +86,12 @@ def publish(run: str, storage: str = "runs", checkpoint: str | None = None, alia
         step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     name = REGISTERED_NAMES[config["arch"]]
     base = config.get("base_from")
+    examples = _examples(client, run_id, config, examples_from)
     with tempfile.TemporaryDirectory(prefix="faceforge-publish-") as staging:
         # MLflow stores each artifact under its folder's own name: stage them under the names we read back
         artifacts = {"weights": _stage(weights, Path(staging) / "weights")}
+        if examples is not None:
+            artifacts["examples"] = str(save_examples(Path(staging) / "examples", examples))
         if base and (weights_dir(base) / "config.json").is_file():
             # a Face-MoGLE LoRA on a faceforge-trained base: the base travels with the model, so a server that
             # never saw this run's folders can load it
@@ -99,6 +114,7 @@ def publish(run: str, storage: str = "runs", checkpoint: str | None = None, alia
         "accepts": ",".join(k for k, v in accepted_inputs(config["arch"]).items() if v),
         "default_steps": str(defaults.steps),
         "default_guidance": str(defaults.guidance),
+        "examples": str(len(examples.examples)) if examples else "0",
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -109,7 +125,30 @@ def publish(run: str, storage: str = "runs", checkpoint: str | None = None, alia
         "version": int(version),
         "model_uri": f"models:/{name}/{version}",
         "checkpoint": str(ckpt),
+        "examples": len(examples.examples) if examples else 0,
     }
+
+
+def _examples(client, run_id: str, config: dict, examples_from: str | None):
+    """Example conditions for the new version: from ``examples_from``, else the held-out split of the data the
+    run trained on; None (said on stderr) when neither is readable here."""
+    from modeling.generator import accepted_inputs
+    from pipelines.data.examples import held_out_examples
+
+    params = client.get_run(run_id).data.params
+    data = examples_from or params.get("data.path")
+    split = params.get("data.holdout_split", "test")
+    if data is None:
+        print("faceforge publish: no example conditions (no training data recorded); pass --examples-from PREPARED",
+              file=sys.stderr)  # fmt: skip
+        return None
+    try:
+        return held_out_examples(data, split=split, sketches=accepted_inputs(config["arch"])["sketch"])
+    except (OSError, ValueError) as error:
+        if examples_from:
+            raise
+        print(f"faceforge publish: no example conditions ({error}); pass --examples-from PREPARED", file=sys.stderr)
+        return None
 
 
 def _stage(source: Path, target: Path) -> str:
@@ -125,5 +164,5 @@ def _stage(source: Path, target: Path) -> str:
 
 
 def publish_from_cli(args: argparse.Namespace) -> int:
-    print(json.dumps(publish(args.run, args.storage, args.checkpoint, args.alias), indent=2))
+    print(json.dumps(publish(args.run, args.storage, args.checkpoint, args.alias, args.examples_from), indent=2))
     return 0

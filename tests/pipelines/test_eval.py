@@ -12,6 +12,7 @@ import pytest
 from modeling.conditions import NUM_CLASSES
 from pipelines.data.synth import render_face, sample_attributes
 from pipelines.eval.yardstick import flat_metrics, score
+from tests.conftest import SHORT_RECIPE
 
 
 def _renders(n: int, size: int = 32, seed: int = 11):
@@ -60,45 +61,13 @@ def test_a_parser_under_the_bar_is_refused_as_a_judge(tmp_path):
         load_parser(tmp_path / "missing")
 
 
-# The demo's MMFace-DiT recipe, shortened: 400 faces, a quicker parser, 400 of the demo's 900 steps (Face-MoGLE
-# needs ~600 steps to leave chance on attributes; its learning is proven by the sampling proofs and the demo).
-# Measured on the 2-core machine at 400 steps, over three runs (Ray Data's shuffle varies): mask mIoU 0.40-0.42
-# (shuffled conditions 0.24, chance 0.05), hair colour 0.50-0.87 (chance 0.2, shuffled ~0.26); background colour
-# is still at chance there (0.13-0.19; it reaches 0.92 by the demo's 900 steps), so only mask and hair are
-# asserted, with a margin under the lowest reached.
-SHORT = {"n": 400, "parser_steps": 300, "steps": 400, "eval_n": 32}
+# The demo's MMFace-DiT recipe, shortened (``short_recipe`` in tests/conftest.py): 400 faces, a quicker parser, 400
+# of the demo's 900 steps (Face-MoGLE needs ~600 steps to leave chance on attributes; its learning is proven by the
+# sampling proofs and the demo). Measured on the 2-core machine at 400 steps, over three runs (Ray Data's shuffle
+# varies): mask mIoU 0.40-0.42 (shuffled conditions 0.24, chance 0.05), hair colour 0.50-0.87 (chance 0.2,
+# shuffled ~0.26); background colour is still at chance there (0.13-0.19; it reaches 0.92 by the demo's 900
+# steps), so only mask and hair are asserted, with a margin under the lowest reached.
 FLOORS = {"miou": 0.32, "hair": 0.35}
-
-
-@pytest.fixture(scope="module")
-def short_recipe(ray_local, tmp_path_factory):
-    """Synthetic faces -> prepare -> parser -> MMFace-DiT through the real trainer (2 workers, DeepSpeed, EMA)."""
-    from pipelines.data.prepare import PrepareOptions, prepare
-    from pipelines.data.synth import synthesize
-    from pipelines.demo import CONFIGS
-    from pipelines.eval.parser import train_parser
-    from pipelines.train.config import load_config
-    from pipelines.train.run import train
-
-    root = tmp_path_factory.mktemp("short-recipe")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        synthesize(root / "synth", n=SHORT["n"], size=32, seed=0)
-        options = PrepareOptions(
-            layout="celebamask-hq",
-            root=str(root / "synth"),
-            out=str(root / "prepared"),
-            size=32,
-            codec="pixel:2",
-            max_captions=3,
-            rows_per_shard=128,
-        )
-        prepare(options, progress=False)
-        parser = train_parser(root / "parser", steps=SHORT["parser_steps"])
-        overrides = [f"data={root / 'prepared'}", f"storage={root / 'runs'}", "name=mmface-dit-tiny",
-                     f"max_steps={SHORT['steps']}", f"ckpt_every={SHORT['steps']}", "sample_every=0"]  # fmt: skip
-        train(load_config(CONFIGS / "mmface_dit_tiny.yaml", overrides))
-        yield {"root": root, "parser": parser, "uri": f"sqlite:///{root / 'mlflow.db'}"}
 
 
 @pytest.mark.slow  # the short recipe: prepare 400 faces, train a parser and 400 steps of MMFace-DiT
@@ -113,8 +82,9 @@ def test_short_recipe_follows_masks_and_captions_far_above_chance(short_recipe):
         mp.setenv("MLFLOW_TRACKING_URI", short_recipe["uri"])
         run = "mmface-dit-tiny"
         out = root / "eval" / f"{run}.json"
+        n = str(SHORT_RECIPE["eval_n"])
         code = main(["eval", run, "--storage", str(root / "runs"), "--data", str(root / "prepared"),
-                     "--parser", str(root / "parser"), "--n", str(SHORT["eval_n"]), "--out", str(out)])  # fmt: skip
+                     "--parser", str(root / "parser"), "--n", n, "--out", str(out)])  # fmt: skip
         assert code == 0
         result = json.loads(out.read_text())
         hair, background = (result["attributes"][k] for k in ("hair_color", "background_color"))

@@ -131,6 +131,71 @@ def test_face_mogle_from_a_mask_and_text_only(server):
     assert with_mask.json()["steps"] == 4  # the model's own sampler setting, recorded at training time
 
 
+# ------------------------------------------------------------------------------------------------ examples, text only
+
+
+def _examples(url: str, version_id: str) -> list[dict]:
+    models = requests.get(f"{url}/v1/models", timeout=60).json()
+    return {v["id"]: v for m in models["models"] for v in m["versions"]}[version_id]["examples"]
+
+
+def test_every_version_ships_held_out_examples_served_from_the_registry(server, prepared):
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    from modeling.conditions import mask_to_labels
+    from modeling.examples import most_typical
+    from pipelines.eval.run import held_out
+
+    url = server["url"]
+    ids, labels, _ = held_out(prepared, 256)
+    for version_id, takes_sketch in ((f"{MM}/1", True), (f"{MM}/2", True), (f"{MOGLE}/1", False)):
+        examples = _examples(url, version_id)
+        assert [e["index"] for e in examples] == [0, 1, 2, 3] and all(e["caption"] for e in examples)
+        assert [e["default_layout"] for e in examples] == [True, False, False, False]
+        assert all((e["sketch"] is not None) == takes_sketch for e in examples)
+        for e in examples:  # held-out masks at the model's size, colour-coded
+            assert np.array_equal(mask_to_labels(decode(e["mask"])), labels[ids.index(e["id"])])
+        assert examples[0]["id"] == ids[most_typical(labels)]  # the default layout: the most typical mask
+        # the bytes are the registered version's artifact (downloaded by the server), not a file of the run
+        name, version = version_id.split("/")
+        source = MlflowClient(server["uri"]).get_model_version_download_uri(name, version)
+        folder = Path(mlflow.artifacts.download_artifacts(f"{source}/artifacts/examples", tracking_uri=server["uri"]))
+        assert base64.b64decode(examples[1]["mask"]) == (folder / "mask-1.png").read_bytes()
+
+
+def test_text_only_face_mogle_draws_on_its_default_layout_and_says_so(server):
+    url = server["url"]
+    layout = _examples(url, f"{MOGLE}/1")[0]["mask"]
+    common = {"model": f"{MOGLE}/1", "prompt": "a person with blond hair", "seed": 4, "steps": 3, "n": 2}
+    text_only, explicit = post(url, common).json(), post(url, {**common, "mask": layout}).json()
+    assert text_only["default_layout"] is True and text_only["layout"] == layout
+    assert explicit["default_layout"] is False and explicit["layout"] is None
+    assert text_only["images"] == explicit["images"]  # exactly the layout, not an all-background mask
+    # the answer states what was used: version, seed per image, steps, guidance
+    assert (text_only["model"], text_only["seeds"], text_only["steps"]) == (f"{MOGLE}/1", [4, 5], 3)
+    assert text_only["guidance"] == 3.0
+    # MMFace-DiT generates from text alone (its spatial condition dropped, as in training): no layout stands in
+    mm = post(url, {**common, "model": f"{MM}/1"}).json()
+    assert mm["default_layout"] is False and mm["layout"] is None and mm["model"] == f"{MM}/1"
+    raw = post(url, {**common, "n": 1}, headers={"Accept": "image/png"})
+    assert raw.headers["x-default-layout"] == "true"
+
+
+def test_generate_example_k_sends_that_examples_mask_and_caption(server, tmp_path):
+    from serve.client import ClientError, generate
+
+    url = server["url"]
+    example = _examples(url, f"{MOGLE}/1")[1]
+    answer = generate(url, tmp_path / "faces", model=MOGLE, example=1, seed=3, steps=3)
+    direct = post(url, {"model": f"{MOGLE}/1", "prompt": example["caption"], "mask": example["mask"], "seed": 3,
+                        "steps": 3}).json()  # fmt: skip
+    assert answer["model"] == f"{MOGLE}/1" and not answer["default_layout"]
+    assert (tmp_path / "faces" / "3.png").read_bytes() == base64.b64decode(direct["images"][0])
+    with pytest.raises(ClientError, match=r"--example 9: faceforge-face-mogle/1 has examples 0\.\.3"):
+        generate(url, tmp_path / "faces", model=MOGLE, example=9)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
