@@ -5,8 +5,10 @@ runs the 8-bit blockwise update as a dozen eager passes over each whole tensor p
 quantizer; on a 13824 x 1152 AdaLN weight (64 MB) every pass misses the cache, and the quantizer
 alone costs ~3.6 ns per element on two cores. Here the same update runs
 
-- in chunks of ``chunk_elements`` (a multiple of the 256-element quantization block), so all
-  passes over a chunk stay in cache, and
+- in chunks of ``chunk_elements`` per intra-op thread (a multiple of the 256-element quantization
+  block), so all passes over a thread's share of a chunk stay in its cache; a chunk grows with
+  ``torch.get_num_threads()``, so T threads meet at 1/T as many per-op barriers (on a loaded 2-core
+  machine, 256K-element chunks over two threads cost 18x the CPU time of one thread), and
 - with a table-driven quantizer: the top 16 bits of a float32 pick the run of codes it can round
   to (precomputed once per code map), one comparison with the neighbouring midpoint finishes the
   round-to-nearest. It is exact nearest-code rounding (bitsandbytes' CPU quantizer is not: it
@@ -115,8 +117,9 @@ class AdamW8bit(bnb.optim.AdamW8bit):
         state1, state2 = state["state1"].view(-1), state["state2"].view(-1)
         absmax1, absmax2 = state["absmax1"], state["absmax2"]
         n = param.numel()
-        for start in range(0, n, self.chunk_elements):
-            end = min(n, start + self.chunk_elements)
+        chunk = self.chunk_elements * max(1, torch.get_num_threads())
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
             blocks = slice(start // BLOCK, -(-end // BLOCK))
             g = grad[start:end].float()
             m = torch.ops.bitsandbytes.dequantize_blockwise(
