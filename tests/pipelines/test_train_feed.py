@@ -26,7 +26,11 @@ def _ids(rows: dict, rng) -> list[int]:
 def dataset(ray_local):
     import ray
 
-    return ray.data.range(100).map_batches(lambda b: {"id": b["id"], "x": b["id"] * 2.0}, batch_format="numpy")
+    # Ray Data hands blocks over in any order unless told to keep it, and these tests compare orders
+    options = ray.data.DataContext.get_current().execution_options
+    kept, options.preserve_order = options.preserve_order, True
+    yield ray.data.range(100).map_batches(lambda b: {"id": b["id"], "x": b["id"] * 2.0}, batch_format="numpy")
+    options.preserve_order = kept
 
 
 def test_an_epoch_yields_every_row_at_most_once_in_whole_batches(dataset):
