@@ -19,7 +19,10 @@ import os
 import posixpath
 import re
 import shutil
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -152,6 +155,30 @@ def s3_settings() -> dict:
     if region:
         settings["region"] = region
     return settings
+
+
+STORAGE_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+
+
+def storage_environment() -> dict[str, str]:
+    """The storage variables this process has: what a job hands its Ray workers, so that a worker on any node
+    reaches the same bucket with the same settings without a cluster-wide environment."""
+    return {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)}
+
+
+def adopt_environment(variables: dict[str, str] | None) -> None:
+    """A worker's side of ``storage_environment``."""
+    for key, value in (variables or {}).items():
+        if key in STORAGE_VARIABLES:
+            os.environ[key] = value
 
 
 def _filesystem(scheme: str, uri: str) -> pafs.FileSystem:
@@ -425,6 +452,18 @@ def download_dir(source: Where, target: str | os.PathLike) -> Path:
             posixpath.join(source.path, name), str(out), source_filesystem=source.fs, destination_filesystem=_local()
         )
     return target
+
+
+@contextmanager
+def local_folder(where: Where) -> Iterator[Path]:
+    """A folder as local files for the duration of the block: a local one as it is, one in object storage copied
+    into a temp folder (removed afterwards). For readers that only take paths (DeepSpeed, safetensors)."""
+    where = location(where)
+    if where.is_local:
+        yield Path(where.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="faceforge-fetch-") as tmp:
+        yield download_dir(where, Path(tmp) / where.name)
 
 
 # ----------------------------------------------------------------------------------- tracking-store URIs
