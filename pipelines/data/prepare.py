@@ -9,7 +9,7 @@ The Ray Data pipeline, per shard (a fixed, sorted slice of one split's ids):
 
 A shard is finished once ``shards/.done/{name}.json`` exists (written last, atomically) and the shard still has the
 size and sha256 it records, so a re-run skips finished shards, redoes damaged ones, and a killed run restarted ends
-with the same rows and manifest as an uninterrupted one. ``--out`` may be a local folder or a URI (``s3://...``):
+with the same rows and manifest as an uninterrupted one. ``--out`` may be a local folder or a bucket URI:
 every file goes through ``modeling.storage``, a whole object or nothing.
 Every input record is either a row or a line in ``rejects.jsonl``: ``n_input == n_written + n_rejected``.
 

@@ -66,7 +66,7 @@ def publish(run: str, storage: str = "runs", checkpoint: str | None = None, alia
         config = read_weights_config(weights)
         ckpt, step, run_id = weights, "imported", _imported_run(client, weights, config)
     else:
-        run_dir = shared.check_reachable(storage) / run  # local or object storage (s3://...)
+        run_dir = shared.check_reachable(storage) / run  # a local folder or a bucket
         # every file checked against its manifest's sha256: a damaged checkpoint named here is refused, and the
         # run's newest damaged ones are passed over (each reported) for the newest intact one
         ckpt = resolve_checkpoint(checkpoint, deep=True) if checkpoint else latest_checkpoint(run_dir, deep=True)
