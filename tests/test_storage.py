@@ -157,8 +157,14 @@ def test_prepare_train_with_a_killed_worker_publish_and_serve_with_every_path_in
     env = {**os.environ, **servers.variables(), "HOME": str(home), "TMPDIR": str(temp), "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
 
-    def faceforge(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-        done = subprocess.run([*FACEFORGE, *args], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    def faceforge(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        # timeouts are 3x what each step takes on a quiet 2-core machine; a step that runs out shows where it was
+        try:
+            done = subprocess.run([*FACEFORGE, *args], cwd=work, env=env, capture_output=True, text=True,
+                                  timeout=timeout)  # fmt: skip
+        except subprocess.TimeoutExpired as late:
+            out, err = (part.decode(errors="replace") if part else "" for part in (late.stdout, late.stderr))
+            pytest.fail(f"{args[:2]} still running after {timeout} s; output so far:\n{out[-1500:]}\n{err[-3000:]}")
         assert done.returncode == 0, (args[:2], done.stderr[-3000:])
         return done
 
@@ -173,7 +179,7 @@ def test_prepare_train_with_a_killed_worker_publish_and_serve_with_every_path_in
 
     trained = faceforge("train", CONFIG, f"data={prepared}", f"storage={runs}", "name=e2e", "max_steps=6",
                         "ckpt_every=2", "keep=2", "log_every=1", "batch=4", "sample_every=0", "logging.n_samples=2",
-                        "logging.sample_steps=2", "fault.kill_rank=1", "fault.kill_at_step=3")  # fmt: skip
+                        "logging.sample_steps=2", "fault.kill_rank=1", "fault.kill_at_step=3", timeout=600)  # fmt: skip
     summary = json.loads(trained.stdout[trained.stdout.index("{") :])
     assert summary["checkpoint"] == f"{runs}/e2e/checkpoint_000006"
     assert "fault injection: rank 1 exits at step 3" in trained.stdout + trained.stderr
