@@ -322,7 +322,7 @@ def take_data_error(run_dir: Where) -> str | None:
     return line or None
 
 
-def set_aside_unusable_ray_snapshot(run_dir: Where, resume: Path | Location | None) -> Location | None:
+def set_aside_unusable_ray_snapshot(run_dir: Where, resume: Path | Location | None) -> Path | Location | None:
     """Ray refuses to start a run whose checkpoint list is empty or garbled (a full disk cut it short) or names a
     checkpoint folder that is gone (rotated, or removed by hand). The run folder itself says which checkpoints
     are intact, so such a list is moved aside and the workers resume from the newest intact one, ``resume``."""
@@ -349,7 +349,7 @@ def set_aside_unusable_ray_snapshot(run_dir: Where, resume: Path | Location | No
     storage.delete(snapshot)
     then = f"resuming from {resume.name}" if resume else "no intact checkpoint: starting from step 0"
     print(f"[faceforge] Ray's checkpoint list {snapshot} {problem}; moved it to {aside.name}; {then}", file=sys.stderr)
-    return aside
+    return storage.native(aside)
 
 
 def _checkpoint_dir_names(node) -> set[str]:
