@@ -1,5 +1,7 @@
-"""A checkpoint folder on disk, shared by training (resume), publishing and serving: its layout, whether it is
-intact, the newest intact one of a run folder, and where its serving weights are.
+"""A checkpoint folder, shared by training (resume), publishing and serving: its layout, whether it is intact, the
+newest intact one of a run folder, and where its serving weights are. Run folders may be local or in object storage
+(``modeling.storage``): the functions here take either, and return a ``Path`` for a local folder, a ``Location``
+elsewhere.
 
 A checkpoint is written by every training rank (DeepSpeed state, a ``rank-N.done`` marker), rank 0 adds the
 serving weights and ``trainer_state.json``, and once every rank's files are in the run folder rank 0 writes
@@ -14,11 +16,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+from modeling import storage
+from modeling.storage import Location, Where
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_DIR = "weights"
@@ -39,12 +43,13 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:06d}"
 
 
-def checkpoint_step(path: str | Path) -> int:
-    return int(json.loads((Path(path) / STATE_FILE).read_text())["step"])
+def checkpoint_step(path: Where) -> int:
+    return int(json.loads(storage.read_text(storage.location(path) / STATE_FILE))["step"])
 
 
 def file_records(directory: str | Path) -> list[dict]:
-    """Name (relative, POSIX), size and sha256 of every file under ``directory``: one rank's part of a manifest."""
+    """Name (relative, POSIX), size and sha256 of every file under a local ``directory``: one rank's part of a
+    manifest (ranks stage their files in local temp folders before Ray copies them into the run folder)."""
     directory = Path(directory)
     return [
         {"name": path.relative_to(directory).as_posix(), "size": path.stat().st_size, "sha256": _sha256(path)}
@@ -53,19 +58,21 @@ def file_records(directory: str | Path) -> list[dict]:
     ]
 
 
-def write_manifest(path: str | Path, records: list[dict]) -> Path:
-    """The manifest of a checkpoint whose files are all in place, written atomically (tmp + rename).
+def write_manifest(path: Where, records: list[dict]) -> Path | Location:
+    """The manifest of a checkpoint whose files are all in place, written atomically (tmp + rename on a disk, a
+    single put on an object store).
 
     Refuses to write it when a listed file is missing or has another size than recorded: a copy into the run
     folder that lost bytes must leave the checkpoint incomplete, not certify it."""
-    path = Path(path)
+    path = storage.location(path)
+    sizes = storage.walk_files(path)
     for record in records:
-        problem = _size_problem(path, record)
+        problem = _size_problem(sizes, record)
         if problem:
             raise DamagedCheckpoint(f"{path.name}: {problem}; no manifest written")
     manifest = {"format": MANIFEST_FORMAT, "files": sorted(records, key=lambda r: r["name"])}
     with no_space_left(path):
-        return _write_atomically(path / MANIFEST_FILE, json.dumps(manifest))
+        return storage.native(storage.write_text(path / MANIFEST_FILE, json.dumps(manifest)))
 
 
 class NoSpaceLeft(OSError):
@@ -85,72 +92,57 @@ def no_space_left(path: str | Path):
         raise
 
 
-def _write_atomically(target: Path, text: str) -> Path:
-    """Readers see the old file or the whole new one, never a part of it."""
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
-def damage(path: str | Path, deep: bool = False) -> str | None:
+def damage(path: Where, deep: bool = False) -> str | None:
     """Why the checkpoint at ``path`` is not usable (one line, naming the file), or None when it is intact.
-    Sizes are always checked; ``deep`` also compares every file's sha256 with the manifest."""
-    path = Path(path)
-    if not path.is_dir():
+    Sizes are always checked (one listing of the folder); ``deep`` also compares every file's sha256 with the
+    manifest."""
+    path = storage.location(path)
+    sizes = storage.walk_files(path)
+    if not sizes and not storage.is_dir(path):
         return "no such folder"
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
+    if STATE_FILE not in sizes:
         return f"no {STATE_FILE} (the save never finished)"
     try:
-        state = json.loads(state_file.read_text())
+        state = json.loads(storage.read_text(path / STATE_FILE))
         int(state["step"])
     except (ValueError, KeyError, TypeError):
         return f"{STATE_FILE} is not a trainer state (empty or garbled)"
     if "manifest" not in state:  # written before manifests: every rank's marker is the only evidence
-        missing = [r for r in range(state.get("world") or 0) if not (path / rank_marker(r)).is_file()]
+        missing = [r for r in range(state.get("world") or 0) if rank_marker(r) not in sizes]
         return f"rank {missing[0]} never finished (no {rank_marker(missing[0])})" if missing else None
-    manifest_file = path / MANIFEST_FILE
-    if not manifest_file.is_file():
+    if MANIFEST_FILE not in sizes:
         return f"no {MANIFEST_FILE} (the save never finished)"
     try:
-        records = json.loads(manifest_file.read_text())["files"]
+        records = json.loads(storage.read_text(path / MANIFEST_FILE))["files"]
     except (ValueError, KeyError, TypeError):
         return f"{MANIFEST_FILE} is not a manifest (empty or garbled)"
     for record in records:
-        problem = _size_problem(path, record)
+        problem = _size_problem(sizes, record)
         if problem:
             return problem
     if deep:
         for record in records:
-            if _sha256(path / record["name"]) != record["sha256"]:
+            if storage.sha256(path / record["name"]) != record["sha256"]:
                 return f"{record['name']} does not match its sha256 in the manifest"
     return None
 
 
-def is_complete(path: Path) -> bool:
+def is_complete(path: Where) -> bool:
     """Every file the manifest lists is there with its size (old checkpoints: every rank left its marker)."""
     return damage(path) is None
 
 
-def verify(path: str | Path, deep: bool = True) -> Path:
+def verify(path: Where, deep: bool = True) -> Path | Location:
     """``path`` when intact; otherwise raises ``DamagedCheckpoint`` naming the checkpoint and the file."""
     problem = damage(path, deep)
     if problem:
-        raise DamagedCheckpoint(f"{Path(path).name}: {problem} ({path})")
-    return Path(path)
+        raise DamagedCheckpoint(f"{storage.location(path).name}: {problem} ({path})")
+    return storage.native(path)
 
 
-def newest_complete(run_dir: str | Path, deep: bool = False, say=None) -> Path | None:
+def newest_complete(run_dir: Where, deep: bool = False, say=None) -> Path | Location | None:
     """The intact checkpoint with the highest step under a run folder (``runs/NAME``), if any. Each newer
     checkpoint passed over is reported through ``say`` (default: stderr) with the reason and the one used."""
-    run_dir = Path(run_dir)
     skipped = []
     chosen = None
     for path in _by_recency(run_dir):
@@ -162,10 +154,10 @@ def newest_complete(run_dir: str | Path, deep: bool = False, say=None) -> Path |
     fallback = f"using {chosen.name}" if chosen else "no intact checkpoint left"
     for line in skipped:
         (say or _say)(f"skipped {line}; {fallback}")
-    return chosen
+    return storage.native(chosen) if chosen is not None else None
 
 
-def latest_checkpoint(run_dir: str | Path, deep: bool = False) -> Path:
+def latest_checkpoint(run_dir: Where, deep: bool = False) -> Path | Location:
     """The intact checkpoint with the highest step under a Ray Train run folder (``runs/NAME``)."""
     found = newest_complete(run_dir, deep)
     if found is None:
@@ -173,29 +165,36 @@ def latest_checkpoint(run_dir: str | Path, deep: bool = False) -> Path:
     return found
 
 
-def resolve_checkpoint(path: str | Path, deep: bool = False) -> Path:
+def resolve_checkpoint(path: Where, deep: bool = False) -> Path | Location:
     """A checkpoint folder (verified), a weights folder, or a run folder (its newest intact checkpoint), as an
-    absolute path."""
-    path = Path(path).resolve()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint or run folder")
-    if (path / STATE_FILE).is_file():
-        return verify(path, deep)
-    if path.name == WEIGHTS_DIR and (path.parent / STATE_FILE).is_file():
-        verify(path.parent, deep)  # the weights folder of a checkpoint: as intact as the checkpoint
-        return path
-    if (path / WEIGHTS_DIR).is_dir() or (path / "config.json").is_file() or not any(path.glob("checkpoint_*")):
-        return path
-    return latest_checkpoint(path, deep)
+    absolute path (or a ``Location`` in object storage)."""
+    loc = storage.location(path)
+    if not storage.exists(loc) and not storage.is_dir(loc):
+        raise FileNotFoundError(f"{loc}: no such checkpoint or run folder")
+    if storage.is_file(loc / STATE_FILE):
+        return verify(loc, deep)
+    if loc.name == WEIGHTS_DIR and storage.is_file(loc.parent / STATE_FILE):
+        verify(loc.parent, deep)  # the weights folder of a checkpoint: as intact as the checkpoint
+        return storage.native(loc)
+    if (
+        storage.is_dir(loc / WEIGHTS_DIR)
+        or storage.is_file(loc / "config.json")
+        or not any(c.name.startswith("checkpoint_") for c in storage.children(loc, folders_only=True))
+    ):
+        return storage.native(loc)
+    return latest_checkpoint(loc, deep)
 
 
-def weights_dir(path: str | Path) -> Path:
+def weights_dir(path: Where) -> Path | Location:
     """The serving weights of a checkpoint folder (its ``weights/``), or a weights folder itself."""
-    path = Path(path)
-    return path / WEIGHTS_DIR if (path / WEIGHTS_DIR).is_dir() else path
+    loc = storage.location(path)
+    inner = loc / WEIGHTS_DIR
+    if loc.is_local:  # relative local paths stay relative: serving and tests build paths from them
+        return Path(path) / WEIGHTS_DIR if Path(inner.path).is_dir() else Path(path)
+    return inner if storage.is_dir(inner) else loc
 
 
-def stale_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+def stale_checkpoints(run_dir: Where, keep: int) -> list[Path | Location]:
     """What rotation removes: complete checkpoints beyond the newest ``keep``, and incomplete leftovers older
     than the newest complete one (a newer incomplete one may still be being written)."""
     ordered = _by_recency(run_dir)
@@ -204,7 +203,7 @@ def stale_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
         return []
     step, mtime = _recency(complete[0])
     leftovers = [p for p in ordered if p not in complete and _older(_recency(p), step, mtime)]
-    return complete[keep:] + leftovers
+    return [storage.native(p) for p in complete[keep:] + leftovers]
 
 
 def _older(recency: tuple[int, float], step: int, mtime: float) -> bool:
@@ -212,28 +211,26 @@ def _older(recency: tuple[int, float], step: int, mtime: float) -> bool:
     return recency[0] < step if recency[0] >= 0 else recency[1] < mtime
 
 
-def _by_recency(run_dir: str | Path) -> list[Path]:
+def _by_recency(run_dir: Where) -> list[Location]:
     """The checkpoint folders of a run folder, newest first (Ray keeps a ``checkpoint_*.json`` file beside them)."""
-    run_dir = Path(run_dir)
-    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()] if run_dir.is_dir() else []
+    found = [c for c in storage.children(run_dir, folders_only=True) if c.name.startswith("checkpoint_")]
     return sorted(found, key=_recency, reverse=True)
 
 
-def _recency(path: Path) -> tuple[int, float]:
-    """A checkpoint's step (from its state, else its name ``checkpoint_000008``), then its age on disk."""
+def _recency(path: Location) -> tuple[int, float]:
+    """A checkpoint's step (from its state, else its name ``checkpoint_000008``), then when it was written."""
     try:
         step = checkpoint_step(path)
     except (OSError, ValueError, KeyError, TypeError):
         match = re.fullmatch(r"checkpoint_(\d+)", path.name)
         step = int(match.group(1)) if match else -1
-    return step, path.stat().st_mtime
+    return step, storage.newest_mtime(path)
 
 
-def _size_problem(path: Path, record: dict) -> str | None:
-    file = path / record["name"]
-    if not file.is_file():
+def _size_problem(sizes: dict[str, int], record: dict) -> str | None:
+    size = sizes.get(record["name"])
+    if size is None:
         return f"{record['name']} is missing"
-    size = file.stat().st_size
     if size != record["size"]:
         return f"{record['name']} is {size} bytes, the manifest says {record['size']}"
     return None

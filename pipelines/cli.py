@@ -567,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     _interrupt_on_sigterm()
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError) as error:
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError,
+            ConnectionError) as error:  # fmt: skip
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"faceforge: error: {message}", file=sys.stderr)
         return 2

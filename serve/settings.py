@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modeling import storage
+
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 REGISTERED_PREFIX = "faceforge-"  # registered models faceforge publishes: faceforge-mmface-dit, faceforge-face-mogle
 TOKEN_ENV = "FACEFORGE_API_TOKEN"
@@ -22,12 +24,30 @@ TOKEN_ENV = "FACEFORGE_API_TOKEN"
 def tracking_uri(uri: str | None = None) -> str:
     """``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded SQLite store; a relative SQLite path is made
     absolute so that processes started elsewhere (Ray workers, Serve replicas) open the same file."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri[len("sqlite:///") :]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{path}"
+    uri = storage.absolute_sqlite_uri(uri or os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    database = storage.sqlite_database(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     return uri
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """A tracking server (``http(s)://``) answers its health check, else one line naming the URI: MLflow's own
+    client would retry for minutes before failing with a traceback."""
+    import urllib.error
+    import urllib.request
+
+    if not storage.is_http(uri):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as answer:
+            answer.read()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(
+            f"the MLflow tracking server {uri} does not answer ({reason}); start it (`mlflow server ... "
+            "--serve-artifacts`, see the README's 'Storage and tracking on a cluster') or fix MLFLOW_TRACKING_URI"
+        ) from None
 
 
 @dataclass

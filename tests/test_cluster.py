@@ -132,3 +132,18 @@ def test_ray_job_submit_trains_and_the_mlflow_run_appears(prepared, tmp_path):
     )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+
+
+def test_the_shared_mlflow_server_manifest_serves_artifacts_where_jobs_and_replicas_look():
+    docs = [d for d in yaml.safe_load_all((ROOT / "cluster" / "mlflow.yaml").read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    deployment, service = by_kind["Deployment"], by_kind["Service"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["mlflow", "server"] and "--serve-artifacts" in container["args"]
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    url = f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc:{service['spec']['ports'][0]['port']}"
+    job = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"] == url
+    assert url in (ROOT / "cluster" / "rayservice.yaml").read_text()
+    head = yaml.safe_load((ROOT / "cluster" / "cluster.yaml").read_text())["head_start_ray_commands"]
+    assert any("mlflow server" in command and "--serve-artifacts" in command for command in head)

@@ -7,8 +7,10 @@ The Ray Data pipeline, per shard (a fixed, sorted slice of one split's ids):
                           GPUs exist), write ``shards/{split}-{k}.parquet`` and the shard's rejects
     driver: progress bar, then ``rejects.jsonl`` and ``manifest.json`` from the per-shard done markers.
 
-A shard is finished once ``shards/.done/{name}.json`` exists (written last, atomically), so a re-run skips
-finished shards and a killed run restarted ends with the same rows and manifest as an uninterrupted one.
+A shard is finished once ``shards/.done/{name}.json`` exists (written last, atomically) and the shard still has the
+size and sha256 it records, so a re-run skips finished shards, redoes damaged ones, and a killed run restarted ends
+with the same rows and manifest as an uninterrupted one. ``--out`` may be a local folder or a bucket URI:
+every file goes through ``modeling.storage``, a whole object or nothing.
 Every input record is either a row or a line in ``rejects.jsonl``: ``n_input == n_written + n_rejected``.
 
 Tensors are stored as raw little-endian bytes (zero-copy ``np.frombuffer`` in the trainer); the manifest's
@@ -17,16 +19,19 @@ Tensors are stored as raw little-endian bytes (zero-copy ``np.frombuffer`` in th
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import pickle
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from modeling import storage
 from modeling.conditions import decouple_mask, resize_image, resize_labels
+from modeling.storage import Location, Where
 from pipelines.data.readers import FaceRecord, RecordError, open_reader
 from pipelines.data.transforms import SketchExtractor, clean_captions
 
@@ -173,7 +178,7 @@ def _f16(tensor) -> bytes:
 class ShardEncoder:
     """Actor holding the frozen codec and text encoder; encodes whole shards and writes them."""
 
-    def __init__(self, options: PrepareOptions) -> None:
+    def __init__(self, options: PrepareOptions, out: Location) -> None:
         import torch
 
         from modeling.codecs import load_codec
@@ -184,7 +189,7 @@ class ShardEncoder:
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.codec = load_codec(options.codec, self.device, dtype)
         self.text = load_text_encoder(options.text, self.device, dtype)
-        self.out = Path(options.out)
+        self.out = out
 
     def __call__(self, batch: dict) -> dict:
         stats = [self.encode_and_write(name, payload) for name, payload in zip(batch["name"], batch["payload"])]
@@ -271,22 +276,23 @@ class ShardEncoder:
         return rows
 
 
-def write_shard(out: Path, name: str, rows: list[dict], rejects: list[dict]) -> dict:
-    """Writes the shard's Parquet file and rejects, then its done marker (last, atomically)."""
+def write_shard(out: Where, name: str, rows: list[dict], rejects: list[dict]) -> dict:
+    """Writes the shard's Parquet file (whole, or not at all) and rejects, then its done marker (last), which
+    records the file's size and sha256: what a re-run and the trainer check the shard against."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    shards = out / "shards"
-    done = shards / DONE_DIR
-    done.mkdir(parents=True, exist_ok=True)
+    shards = storage.location(out) / "shards"
     path = shards / f"{name}.parquet"
+    digest, size = None, 0
     if rows:
-        table = pa.Table.from_pylist(rows)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    elif path.exists():
-        path.unlink()
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), buffer, compression="zstd")
+        data = buffer.getvalue().to_pybytes()
+        digest, size = hashlib.sha256(data).hexdigest(), len(data)
+        storage.write_bytes(path, data)
+    else:
+        storage.delete(path)
     stats = {
         "name": name,
         "split": name.rsplit("-", 1)[0],
@@ -294,10 +300,10 @@ def write_shard(out: Path, name: str, rows: list[dict], rejects: list[dict]) -> 
         "n_rejected": len(rejects),
         "rejects": rejects,
         "file": path.name if rows else None,
+        "bytes": size,
+        "sha256": digest,
     }
-    tmp = done / f"{name}.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(stats))
-    os.replace(tmp, done / f"{name}.json")
+    storage.write_text(shards / DONE_DIR / f"{name}.json", json.dumps(stats))
     return stats
 
 
@@ -343,31 +349,28 @@ def _describe_components(options: PrepareOptions) -> tuple[dict, dict, tuple[int
     # one-off cost of a few seconds next to hours of encoding, and it fails fast on a wrong path.
     codec = load_codec(options.codec, "cpu", torch.float32)
     text = load_text_encoder(options.text, "cpu", torch.float32)
-    write_nulls(Path(options.out), codec, text, options.size)
+    write_nulls(options.out, codec, text, options.size)
     return codec.describe(), text.describe(), codec.latent_shape(options.size), (text.seq_dim, text.pooled_dim)
 
 
-def write_nulls(out: Path, codec, text, size: int) -> None:
+def write_nulls(out: Where, codec, text, size: int) -> None:
     """What dropped conditions become during training: the empty caption's embedding, and the codec's latent
     of an all-black image (a dropped MoGLE local mask looks like an absent class, as at inference). Written
     (atomically) unless a complete file is there."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load, save
 
-    target = out / NULL_FILE
-    if target.is_file():
-        try:
-            with safe_open(str(target), framework="pt") as f:
-                if NULL_KEYS <= set(f.keys()):
-                    return
-        except (OSError, SafetensorError):
-            pass  # damaged: written again below
+    target = storage.location(out) / NULL_FILE
+    try:
+        if NULL_KEYS <= set(load(storage.read_bytes(target))):
+            return
+    except (OSError, SafetensorError, ValueError):
+        pass  # missing or damaged: written below
     emb = text.encode([""])
     black = torch_from(-np.ones((1, size, size, 3), np.float32))
     tensors = {"seq": emb.seq[0], "mask": emb.mask[0], "pooled": emb.pooled[0], "blank_latent": codec.encode(black)[0]}
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, target)
+    tensors = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in tensors.items()}
+    storage.write_bytes(target, save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 def prepare(
@@ -381,8 +384,8 @@ def prepare(
     from pipelines.ray_runtime import ensure_ray
 
     options.validate()
-    out = Path(options.out)
-    (out / "shards" / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    out = storage.check_reachable(options.out, create=True)  # a wrong bucket or key fails here, in one line
+    storage.makedirs(out / "shards" / DONE_DIR)
     reader = open_reader(options.layout, options.root, **options.reader_options)
     ids_by_split: dict[str, list[str]] = {}
     for record_id in reader.ids():
@@ -390,7 +393,9 @@ def prepare(
     plans = plan_shards(ids_by_split, options.rows_per_shard)
     codec_info, text_info, latent_shape, text_dims = _describe_components(options)
 
-    pending = [p for p in plans if not shard_finished(out, p.name)]
+    with ThreadPoolExecutor(8) as pool:  # a finished shard is read once to check its sha256
+        finished = list(pool.map(lambda p: shard_finished(out, p.name), plans))
+    pending = [p for p, done in zip(plans, finished) if not done]
     if pending:
         ensure_ray()
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -402,7 +407,7 @@ def prepare(
         ds = ds.map(load_shard, fn_kwargs={"options": options}, num_cpus=1)
         ds = ds.map_batches(
             ShardEncoder,
-            fn_constructor_kwargs={"options": options},
+            fn_constructor_kwargs={"options": options, "out": out},
             batch_size=1,
             concurrency=encoders,
             num_gpus=1 if gpus else 0,
@@ -418,14 +423,15 @@ def prepare(
     return build_manifest(options, plans, codec_info, text_info, latent_shape, text_dims)
 
 
-def shard_problem(path: Path, rows: int, columns: tuple[str, ...] | list[str] = ()) -> str | None:
+def shard_problem(path: Where, rows: int, columns: tuple[str, ...] | list[str] = ()) -> str | None:
     """What is wrong with a written shard, judged from its Parquet footer alone (cheap); None when it looks intact.
     A damaged footer (truncated or overwritten file) is what pyarrow reports as "magic bytes not found"."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        metadata = pq.read_metadata(path)
+        with storage.open_input(path) as f:
+            metadata = pq.ParquetFile(f).metadata
     except FileNotFoundError:
         return "is missing"
     except (OSError, pa.ArrowException) as error:
@@ -438,56 +444,93 @@ def shard_problem(path: Path, rows: int, columns: tuple[str, ...] | list[str] = 
     return None
 
 
-def shard_finished(out: Path, name: str) -> bool:
-    """A shard whose done marker is readable and whose file (if it wrote one) is intact; anything else is redone."""
+def checksum_problem(path: Where, expected: dict) -> str | None:
+    """A shard whose bytes are not the ones prepare wrote (``expected``: a done marker or manifest entry with
+    ``bytes`` and ``sha256``; older ones without them pass). Reads the whole file."""
+    if not expected.get("sha256"):
+        return None
     try:
-        stats = json.loads((out / "shards" / DONE_DIR / f"{name}.json").read_text())
+        size = storage.size(path)
+    except FileNotFoundError:
+        return "is missing"
+    if size != expected["bytes"]:
+        return f"is {size} bytes, prepare wrote {expected['bytes']}"
+    if storage.sha256(path) != expected["sha256"]:
+        return "does not match the sha256 prepare recorded (its bytes were changed after it was written)"
+    return None
+
+
+def shard_finished(out: Where, name: str) -> bool:
+    """A shard whose done marker is readable and whose file (if it wrote one) is intact, checksum included;
+    anything else is redone."""
+    shards = storage.location(out) / "shards"
+    try:
+        stats = json.loads(storage.read_text(shards / DONE_DIR / f"{name}.json"))
     except (OSError, ValueError):
         return False
     if not isinstance(stats, dict) or "n_written" not in stats:
         return False
-    return not stats.get("file") or shard_problem(out / "shards" / stats["file"], stats["n_written"]) is None
+    if not stats.get("file"):
+        return True
+    path = shards / stats["file"]
+    return shard_problem(path, stats["n_written"]) is None and checksum_problem(path, stats) is None
 
 
-def verify_prepared(out: str | Path, manifest: dict, split: str, columns: tuple[str, ...] | list[str] = ()) -> None:
+def verify_prepared(out: Where, manifest: dict, split: str, columns: tuple[str, ...] | list[str] = ()) -> None:
     """Pre-flight before training: every shard of ``split`` opens as Parquet with the manifest's row count and the
     needed ``columns``. Raises ``ValueError`` naming the file and the fix, before any worker starts."""
-    out = Path(out)
+    out = storage.location(out)
     shards = [s for s in manifest["shards"] if s["split"] == split]
     if not shards:
         there = ", ".join(sorted({s["split"] for s in manifest["shards"]})) or "none"
         raise ValueError(f"{out}: no '{split}' shards in manifest.json (data.split; it has: {there})")
-    for shard in shards:
-        path = out / "shards" / shard["file"]
-        problem = shard_problem(path, shard["rows"], columns)
+    with ThreadPoolExecutor(8) as pool:
+        problems = list(pool.map(lambda s: shard_problem(out / "shards" / s["file"], s["rows"], columns), shards))
+    for shard, problem in zip(shards, problems):
         if problem:
-            raise ValueError(f"{path}: {problem}; {REPREPARE}")
+            raise ValueError(f"{out / 'shards' / shard['file']}: {problem}; {REPREPARE}")
+
+
+def verify_checksums(out: Where, shards: list[dict]) -> None:
+    """Every byte of ``shards`` (manifest entries) against the sha256 prepare recorded: a shard garbled inside,
+    behind an intact footer, is found here in one line instead of as a decompression error in a worker."""
+    out = storage.location(out)
+    with ThreadPoolExecutor(8) as pool:
+        problems = list(pool.map(lambda s: checksum_problem(out / "shards" / s["file"], s), shards))
+    for shard, problem in zip(shards, problems):
+        if problem:
+            raise DamagedShard(f"{out / 'shards' / shard['file']}: {problem}; {REPREPARE}")
+
+
+class DamagedShard(ValueError):
+    """A prepared shard whose bytes are not the ones prepare wrote (one line: the shard and the fix)."""
 
 
 def build_manifest(options, plans, codec_info, text_info, latent_shape, text_dims) -> dict:
-    out = Path(options.out)
+    out = storage.location(options.out)
     done_dir = out / "shards" / DONE_DIR
     splits: dict[str, dict] = {}
     shards, rejects = [], []
     missing = []
     for plan in plans:
-        marker = done_dir / f"{plan.name}.json"
-        if not marker.exists():
+        try:
+            stats = json.loads(storage.read_text(done_dir / f"{plan.name}.json"))
+        except FileNotFoundError:
             missing.append(plan.name)
             continue
-        stats = json.loads(marker.read_text())
         counts = splits.setdefault(plan.split, {"n_input": 0, "n_written": 0, "n_rejected": 0})
         counts["n_input"] += len(plan.ids)
         counts["n_written"] += stats["n_written"]
         counts["n_rejected"] += stats["n_rejected"]
         if stats["file"]:
-            shards.append({"file": stats["file"], "split": plan.split, "rows": stats["n_written"]})
+            entry = {"file": stats["file"], "split": plan.split, "rows": stats["n_written"]}
+            if stats.get("sha256"):
+                entry.update(bytes=stats["bytes"], sha256=stats["sha256"])
+            shards.append(entry)
         rejects.extend(stats["rejects"])
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) did not finish ({', '.join(missing[:5])}); run prepare again")
-    tmp = out / "rejects.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rejects))
-    os.replace(tmp, out / "rejects.jsonl")
+    storage.write_text(out / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
     totals = {k: sum(s[k] for s in splits.values()) for k in ("n_input", "n_written", "n_rejected")}
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -505,18 +548,18 @@ def build_manifest(options, plans, codec_info, text_info, latent_shape, text_dim
         "shards": shards,
         "options": {k: v for k, v in asdict(options).items() if k not in ("out",)},
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, out / "manifest.json")
+    storage.write_text(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
 
-def load_manifest(out: str | Path) -> dict:
-    path = Path(out) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; run `faceforge data prepare ... --out {out}` first")
+def load_manifest(out: Where) -> dict:
+    path = storage.check_reachable(out) / "manifest.json"
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no manifest; run `faceforge data prepare ... --out {out}` first") from None
+    try:
+        manifest = json.loads(text)
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: not readable JSON ({error}); {REPREPARE}") from None
     missing = MANIFEST_KEYS - set(manifest) if isinstance(manifest, dict) else MANIFEST_KEYS
@@ -530,7 +573,7 @@ def load_manifest(out: str | Path) -> dict:
     return manifest
 
 
-def inspect_field(out: str | Path, record_id: str, field_name: str) -> np.ndarray:
+def inspect_field(out: Where, record_id: str, field_name: str) -> np.ndarray:
     """One field of one row, e.g. ``image_latent`` of id ``17``."""
     import pyarrow.dataset as pads
 
@@ -538,8 +581,9 @@ def inspect_field(out: str | Path, record_id: str, field_name: str) -> np.ndarra
     fields = manifest["fields"]
     if field_name not in fields:
         raise KeyError(f"field {field_name!r} not stored; stored fields: {', '.join(sorted(fields))}")
-    files = [str(Path(out) / "shards" / s["file"]) for s in manifest["shards"]]
-    table = pads.dataset(files, format="parquet").to_table(filter=pads.field("id") == record_id)
+    out = storage.location(out)
+    files = [(out / "shards" / s["file"]).path for s in manifest["shards"]]
+    table = pads.dataset(files, format="parquet", filesystem=out.fs).to_table(filter=pads.field("id") == record_id)
     if table.num_rows == 0:
         raise KeyError(f"id {record_id!r} is not among the written rows of {out} (see rejects.jsonl)")
     row = table.slice(0, 1).to_pylist()[0]

@@ -66,6 +66,11 @@ class DataSection:
     # keep the split in Ray's object store so that an epoch restarts without re-reading the shards:
     # auto = when its shards take at most 1/8 of the object store; always | never
     materialize: str = "auto"
+    # before the workers start, check the shards' bytes against the sha256 prepare recorded (a shard garbled
+    # inside, behind an intact footer, is then one line instead of a decompression error in a worker):
+    # auto = when the split holds at most verify_gb; always | never. The sample-grid shard is always checked.
+    verify: str = "auto"
+    verify_gb: float = 4.0
 
 
 @dataclass
@@ -166,6 +171,8 @@ class TrainConfig:
             problems.append(f"train.precision={t.precision!r}: auto, bf16 or fp32")
         if d.materialize not in ("auto", "always", "never"):
             problems.append(f"data.materialize={d.materialize!r}: auto, always or never")
+        if d.verify not in ("auto", "always", "never"):
+            problems.append(f"data.verify={d.verify!r}: auto, always or never")
         if not 0.0 <= d.sketch_fraction <= 1.0:
             problems.append(f"data.sketch_fraction={d.sketch_fraction}: a probability in [0, 1]")
         if m.cond_dropout is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from modeling import storage
 from modeling.checkpoints import (
     MANIFEST_FORMAT,
     STATE_FILE,
@@ -49,6 +49,9 @@ from pipelines.train.tasks import make_task
 DEEPSPEED_DIR = "deepspeed"
 PEAK_FLOPS = 989e12  # H100 SXM bf16 dense: what MFU is reported against
 DEEPSPEED_TAG = "state"
+# the one line a worker leaves in the run folder when it met a damaged shard (the driver reports it and fails
+# the run; restarted workers see it and stop at once: a damaged file is not a fault that a retry mends)
+DATA_ERROR = "data_error.txt"
 
 
 def lr_lambda(config: TrainConfig):
@@ -171,8 +174,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     startup.mark("imports")
+    storage.adopt_environment(loop_config.get("storage_env"))
     config = config_from_dict(loop_config["config"])
     manifest = loop_config["manifest"]
+    if loop_config.get("run_dir") and storage.exists(storage.location(loop_config["run_dir"]) / DATA_ERROR):
+        return
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -240,7 +246,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         got_batch = False
         while step < config.train.max_steps:
             window.lap()
-            batch = next(iterator, None)
+            try:
+                batch = next(iterator, None)
+            except Exception as error:
+                raise_if_damaged_data(error, config, manifest, loop_config.get("run_dir"))
+                raise
             window.lap("data_wait")
             if batch is None:
                 break
@@ -443,7 +453,7 @@ class ProgressFile:
     NAME = "progress.json"
 
     def __init__(self, run_dir: str | None, max_steps: int) -> None:
-        self.path = Path(run_dir) / self.NAME if run_dir else None
+        self.path = storage.location(run_dir) / self.NAME if run_dir else None
         self.max_steps = max_steps
         self.last = 0.0
 
@@ -452,9 +462,7 @@ class ProgressFile:
         if self.path is None or (now - self.last < 1.0 and step < self.max_steps):
             return
         self.last = now
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"step": step, "max_steps": self.max_steps, "time": now}))
-        os.replace(tmp, self.path)
+        storage.write_text(self.path, json.dumps({"step": step, "max_steps": self.max_steps, "time": now}))
 
 
 def _progress(config: TrainConfig, start: int):
@@ -470,11 +478,10 @@ def _maybe_inject_fault(config: TrainConfig, loop_config: dict, rank: int, step:
     fault = config.fault
     if fault.kill_rank != rank or fault.kill_at_step != step:
         return
-    marker = Path(loop_config["run_dir"]) / ".fault_injected"
-    if marker.exists():
+    marker = storage.location(loop_config["run_dir"]) / ".fault_injected"
+    if storage.exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"rank {rank} killed at step {step}\n")
+    storage.write_text(marker, f"rank {rank} killed at step {step}\n")
     print(f"[faceforge] fault injection: rank {rank} exits at step {step}", flush=True)
     os._exit(1)
 
@@ -504,10 +511,10 @@ def save_and_report(
     import torch.distributed as dist
 
     name = checkpoint_name(step)
-    target = Path(run_dir) / name if run_dir else None
-    if rank == 0 and target is not None and target.exists():
+    target = storage.location(run_dir) / name if run_dir else None
+    if rank == 0 and target is not None and storage.is_dir(target):
         # this step's folder from an abandoned attempt: its stale manifest must not vouch for the new files
-        shutil.rmtree(target)
+        storage.delete(target)
     with tempfile.TemporaryDirectory(prefix="faceforge-ckpt-") as tmp:
         directory = Path(tmp)
         with no_space_left(directory):
@@ -541,7 +548,7 @@ def save_and_report(
                 )
         except OSError:
             if target is not None:
-                shutil.rmtree(target, ignore_errors=True)  # a partial copy only takes the space a retry needs
+                _quietly_delete(target)  # a partial copy only takes the space a retry needs
             raise
     dist.barrier()  # every rank's files are in the run folder
     if rank == 0 and target is not None:
@@ -550,14 +557,48 @@ def save_and_report(
         metrics.flush()
 
 
-def finish_checkpoint(target: Path, records: list[dict], keep: int) -> None:
+def finish_checkpoint(target: storage.Where, records: list[dict], keep: int) -> None:
     """Rank 0, once every rank's files are in ``target``: the manifest that makes it complete, written last,
     then rotation down to ``keep`` complete checkpoints."""
+    target = storage.location(target)
     write_manifest(target, records)
     for stale in stale_checkpoints(target.parent, keep):
         if not is_complete(stale):
             print(f"[faceforge] removing {stale.name}: an unfinished checkpoint older than {target.name}", flush=True)
-        shutil.rmtree(stale, ignore_errors=True)
+        _quietly_delete(stale)
+
+
+def _quietly_delete(where: storage.Where) -> None:
+    try:
+        storage.delete(where)
+    except OSError:
+        pass
+
+
+def raise_if_damaged_data(error: Exception, config: TrainConfig, manifest: dict, run_dir: str | None) -> None:
+    """A shard that cannot be decoded (a garbled page behind an intact footer: "ZSTD decompression failed") ends
+    the run in one line naming the shard and the fix, left for the driver in the run folder; other errors pass."""
+    from pipelines.data.prepare import REPREPARE, DamagedShard, verify_checksums
+
+    text = str(error)
+    if not any(s in text for s in ("ZSTD", "Parquet", "parquet", "Corrupt", "corrupt", "decompress", "thrift")):
+        return
+    shards = [s for s in manifest["shards"] if s["split"] == config.data.split]
+    try:
+        verify_checksums(config.data.path, shards)
+        line = (
+            f"{config.data.path}: a '{config.data.split}' shard could not be decoded ({_first_line(text)}); {REPREPARE}"
+        )
+    except DamagedShard as damaged:
+        line = str(damaged)
+    if run_dir:
+        storage.write_text(storage.location(run_dir) / DATA_ERROR, line + "\n")
+    raise DamagedShard(line) from None
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if "Error" in line or "error" in line]
+    return (lines[-1] if lines else text.strip().splitlines()[0])[:300]
 
 
 def save_serving_weights(directory: Path, task: Task, model, trainable: dict, ema) -> None:
@@ -567,7 +608,14 @@ def save_serving_weights(directory: Path, task: Task, model, trainable: dict, em
     save_weights(directory, trainable, task.weights_config(model), ema_state)
 
 
-def restore(engine, ema, directory: Path) -> tuple[int, int]:
+def restore(engine, ema, source) -> tuple[int, int]:
+    """Model, optimizer, scheduler and EMA from a checkpoint folder (one in object storage is first copied into a
+    local temp folder: DeepSpeed reads local files)."""
+    with storage.local_folder(source) as directory:
+        return _restore(engine, ema, directory)
+
+
+def _restore(engine, ema, directory: Path) -> tuple[int, int]:
     from safetensors.torch import load_file
 
     state = json.loads((directory / STATE_FILE).read_text())
@@ -593,8 +641,8 @@ def load_initial_weights(model, directory: str) -> None:
     from modeling.face_mogle import load_trainable
     from modeling.weights import EMA_FILE, load_into, load_weights
 
-    weights = weights_dir(directory)
-    state, _ = load_weights(weights, ema=(weights / EMA_FILE).is_file())
+    with storage.local_folder(weights_dir(directory)) as weights:
+        state, _ = load_weights(weights, ema=(weights / EMA_FILE).is_file())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state) == trainable and trainable != set(model.state_dict()):
         load_trainable(model, state)
@@ -614,7 +662,8 @@ def load_holdout(task: Task, config: TrainConfig) -> dict:
     for split in (config.data.holdout_split, config.data.split):
         files = [s["file"] for s in manifest["shards"] if s["split"] == split]
         if files:
-            table = pq.read_table(Path(config.data.path) / "shards" / files[0], columns=task.columns)
+            shard = storage.location(config.data.path) / "shards" / files[0]
+            table = pq.read_table(shard.path, filesystem=shard.fs, columns=task.columns)
             return table.slice(0, n).to_pydict()
     raise FileNotFoundError(f"{config.data.path}: no shards to draw sample conditions from")
 

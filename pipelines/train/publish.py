@@ -16,9 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from modeling.checkpoints import WEIGHTS_DIR, latest_checkpoint, resolve_checkpoint, weights_dir
+from modeling import storage as shared
+from modeling.checkpoints import STATE_FILE, WEIGHTS_DIR, latest_checkpoint, resolve_checkpoint, weights_dir
 from pipelines.train.run import artifact_location, mlflow_run_of
-from serve.settings import REGISTERED_PREFIX, tracking_uri
+from serve.settings import REGISTERED_PREFIX, check_tracking_server, tracking_uri
 
 REGISTERED_NAMES = {arch: REGISTERED_PREFIX + arch for arch in ("mmface-dit", "face-mogle")}
 IMPORTED_EXPERIMENT = "imported"
@@ -69,6 +70,7 @@ def publish(
     from serve.pyfunc import FaceforgePyfunc
 
     uri = tracking_uri()
+    check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     if checkpoint is None and is_weights_folder(run):
@@ -76,23 +78,24 @@ def publish(
         config = read_weights_config(weights)
         ckpt, step, run_id = weights, "imported", _imported_run(client, weights, config)
     else:
-        run_dir = (Path(storage) / run).resolve()
+        run_dir = shared.check_reachable(storage) / run  # a local folder or a bucket
         # every file checked against its manifest's sha256: a damaged checkpoint named here is refused, and the
         # run's newest damaged ones are passed over (each reported) for the newest intact one
         ckpt = resolve_checkpoint(checkpoint, deep=True) if checkpoint else latest_checkpoint(run_dir, deep=True)
         weights = ckpt / WEIGHTS_DIR
-        config = read_weights_config(weights)
+        config = json.loads(shared.read_text(weights / "config.json"))
         run_id = mlflow_run_of(run_dir, uri)
-        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+        step = json.loads(shared.read_text(ckpt / STATE_FILE))["step"]
     name = REGISTERED_NAMES[config["arch"]]
     base = config.get("base_from")
     examples = _examples(client, run_id, config, examples_from)
     with tempfile.TemporaryDirectory(prefix="faceforge-publish-") as staging:
-        # MLflow stores each artifact under its folder's own name: stage them under the names we read back
+        # MLflow stores each artifact under its folder's own name: stage them under the names we read back; the
+        # tracking server (--serve-artifacts) then holds them, so replicas on any node load the version
         artifacts = {"weights": _stage(weights, Path(staging) / "weights")}
         if examples is not None:
             artifacts["examples"] = str(save_examples(Path(staging) / "examples", examples))
-        if base and (weights_dir(base) / "config.json").is_file():
+        if base and shared.is_file(weights_dir(base) / "config.json"):
             # a Face-MoGLE LoRA on a faceforge-trained base: the base travels with the model, so a server that
             # never saw this run's folders can load it
             artifacts["base"] = _stage(weights_dir(base), Path(staging) / "base")
@@ -151,8 +154,11 @@ def _examples(client, run_id: str, config: dict, examples_from: str | None):
         return None
 
 
-def _stage(source: Path, target: Path) -> str:
-    """The weights files of ``source`` hard-linked (or copied) into ``target``."""
+def _stage(source: shared.Where, target: Path) -> str:
+    """The weights files of ``source`` hard-linked (or copied) into ``target``; from object storage, downloaded."""
+    if shared.is_remote(source):
+        return str(shared.download_dir(source, target))
+    source = Path(source)
     target.mkdir(parents=True)
     for path in source.iterdir():
         if path.is_file():

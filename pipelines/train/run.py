@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from modeling import storage
 from modeling.checkpoints import checkpoint_step, newest_complete, resolve_checkpoint
+from modeling.storage import Location, Where
 from pipelines.train.config import TrainConfig, dump_config, load_config
-from serve.settings import tracking_uri
+from serve.settings import check_tracking_server, tracking_uri
 
 RUN_TAG = "faceforge.run_name"
 # Ray Train V2's list of the checkpoints it registered, kept in the run folder and read back on a resume
@@ -25,19 +27,19 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a SQLite store live beside its database file (MLflow's default, ``./mlruns`` of whatever
-    folder a process happens to run in, would scatter them); a tracking server chooses its own."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
-    return None
+    folder a process happens to run in, would scatter them); a tracking server chooses its own (proxied with
+    ``mlflow server --serve-artifacts``: no client ever writes to a path of its own disk)."""
+    database = storage.sqlite_database(uri)
+    return (database.parent / "artifacts").as_uri() if database else None
 
 
-def mlflow_run_of(run_dir: str | Path, uri: str | None = None) -> str:
+def mlflow_run_of(run_dir: Where, uri: str | None = None) -> str:
     """The MLflow run id of the training run that writes into ``run_dir`` (found by its run-folder tag)."""
     from mlflow import MlflowClient
 
     uri = uri or tracking_uri()
     client = MlflowClient(uri)
-    run_dir = Path(run_dir).resolve()
+    run_dir = storage.location(run_dir)
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
         filter_string=f"tags.`faceforge.run_dir` = '{run_dir}'",
@@ -64,9 +66,9 @@ def create_tracking_store(uri: str) -> None:
 
     from mlflow import MlflowClient
 
-    if not uri.startswith("sqlite:///"):
+    db = storage.sqlite_database(uri)
+    if db is None:
         return
-    db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -76,7 +78,7 @@ def create_tracking_store(uri: str) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def open_mlflow_run(config: TrainConfig, manifest: dict, run_dir: Path) -> tuple[str, str, bool]:
+def open_mlflow_run(config: TrainConfig, manifest: dict, run_dir: Where) -> tuple[str, str, bool]:
     """The run's MLflow id: found by name tag + storage folder, or created with params and artifacts."""
     from mlflow import MlflowClient
 
@@ -135,16 +137,16 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
     from pipelines.train.tasks import make_task
 
     task = make_task(config, manifest)
-    files = [
-        str(Path(config.data.path).resolve() / "shards" / s["file"])
-        for s in manifest["shards"]
-        if s["split"] == config.data.split
-    ]
+    data = storage.location(config.data.path)
+    shards = [s for s in manifest["shards"] if s["split"] == config.data.split]
+    files = [(data / "shards" / s["file"]).path for s in shards]
     if not files:
         raise ValueError(f"{config.data.path}: no '{config.data.split}' shards in the manifest (data.split)")
-    dataset = ray.data.read_parquet(files, shuffle=FileShuffleConfig(seed=config.run.seed)).select_columns(task.columns)
+    dataset = ray.data.read_parquet(
+        files, filesystem=data.fs, shuffle=FileShuffleConfig(seed=config.run.seed)
+    ).select_columns(task.columns)
     repeats = 1
-    if should_materialize(config.data.materialize, files):
+    if should_materialize(config.data.materialize, data, shards):
         # every epoch re-executes the dataset; from the object store that is ~2 s less per epoch on a
         # small split (the file order is then drawn once; the workers' chunk shuffle still varies per epoch)
         dataset = dataset.materialize()
@@ -158,6 +160,7 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
             dataset = dataset.union(*[dataset] * (repeats - 1))
     loop_extra = {**loop_extra, "epochs_per_pass": repeats}
     s = config.scaling
+    runs = storage.location(config.run.storage)
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
@@ -167,9 +170,9 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=config.run.name,
-            storage_path=str(Path(config.run.storage).resolve())
-            if "://" not in config.run.storage
-            else config.run.storage,
+            # an object store: Ray Train takes the bucket path without its scheme, plus the filesystem
+            storage_path=runs.path,
+            storage_filesystem=None if runs.is_local else runs.fs,
             failure_config=FailureConfig(max_failures=s.max_failures),
             # rank 0 rotates (checkpoint.keep) once a checkpoint's manifest is written: Ray would count
             # checkpoints by its reports alone, even one that never became complete
@@ -188,15 +191,13 @@ def epochs_per_pass(config: TrainConfig, rows: int) -> int:
     return max(1, -(-MIN_PASS_STEPS * per_step // max(1, rows)))
 
 
-def should_materialize(mode: str, files: list[str]) -> bool:
+def should_materialize(mode: str, data: Location, shards: list[dict]) -> bool:
     """``data.materialize``: always, never, or auto = the shards take at most 1/8 of the object store."""
     if mode != "auto":
         return mode == "always"
     import ray
 
-    on_disk = sum(Path(f).stat().st_size for f in files if "://" not in f)
-    if on_disk == 0:  # remote storage: sizes unknown here, stream
-        return False
+    on_disk = sum(s.get("bytes") or storage.size(data / "shards" / s["file"]) for s in shards)
     store = ray.cluster_resources().get("object_store_memory", 0)
     return on_disk * 8 <= store
 
@@ -231,19 +232,38 @@ def check_prepared_data(config: TrainConfig) -> dict:
     return manifest
 
 
+def shards_to_verify(config: TrainConfig, manifest: dict) -> list[dict]:
+    """Which shards' checksums the driver checks before the workers start (``data.verify``): the one the sample
+    grids read, and the training split when it is small enough to read once (``data.verify_gb``)."""
+    d = config.data
+    if d.verify == "never":
+        return []
+    by_split = {}
+    for shard in manifest["shards"]:
+        by_split.setdefault(shard["split"], []).append(shard)
+    grid = (by_split.get(d.holdout_split) or by_split.get(d.split) or [])[:1]
+    train = by_split.get(d.split, [])
+    if d.verify == "always" or sum(s.get("bytes", 0) for s in train) <= d.verify_gb * 2**30:
+        return grid + [s for s in train if s not in grid]
+    return grid
+
+
 def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Runs (or resumes) training; returns a summary with the final checkpoint path and MLflow run id.
     ``on_progress(step, max_steps)`` is called from a watcher thread as rank 0 advances."""
     from mlflow import MlflowClient
 
+    from pipelines.data.prepare import verify_checksums
     from pipelines.ray_runtime import ensure_ray, is_private
     from pipelines.train.preflight import check_cluster_can_place, preflight
 
     startup = {"t0": time.time()}  # seconds from here to each milestone, logged by rank 0 as startup/*_s
     mark = lambda name: startup.setdefault(name, time.time() - startup["t0"])  # noqa: E731
+    runs = storage.check_reachable(config.run.storage)  # a wrong bucket, key or endpoint: one line, nothing started
+    check_tracking_server(tracking_uri())
     manifest = check_prepared_data(config)
     preflight(config, manifest)
-    config.data.path = str(Path(config.data.path).resolve())
+    config.data.path = str(storage.location(config.data.path))
     for key in ("init_from", "base_from"):
         value = getattr(config.model, key)
         if value:
@@ -253,7 +273,7 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
             "model.base_from is required for face-mogle in lora mode: a run folder or checkpoint of a full-mode "
             "run (e.g. base_from=runs/flux-base-tiny) or a local diffusers FLUX folder"
         )
-    run_dir = Path(config.run.storage).resolve() / config.run.name
+    run_dir = runs / config.run.name
     resume = newest_complete(run_dir)  # reports each newer checkpoint it passes over, and why
     set_aside_unusable_ray_snapshot(run_dir, resume)
     if resume is not None:
@@ -267,9 +287,20 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
     print(f"[faceforge] MLflow run {run_id} ({'continued' if resumed else 'new'}) at {uri}", flush=True)
     mark("mlflow")
     client = MlflowClient(uri)
+    try:
+        verify_checksums(config.data.path, shards_to_verify(config, manifest))
+    except ValueError:
+        client.set_terminated(run_id, status="FAILED")  # a deterministic data error: no worker would get further
+        raise
     watcher = ProgressWatcher(run_dir, on_progress) if on_progress else None
     try:
-        extra = {"tracking_uri": uri, "run_id": run_id, "run_dir": str(run_dir), "startup": startup}
+        extra = {
+            "tracking_uri": uri,
+            "run_id": run_id,
+            "run_dir": str(run_dir),
+            "storage_env": storage.storage_environment(),
+            "startup": startup,
+        }
         trainer = build_trainer(config, manifest, extra)
         mark("dataset")
         result = trainer.fit()
@@ -278,8 +309,11 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
         # KeyboardInterrupt): the run was stopped, not broken
         client.set_terminated(run_id, status="KILLED")
         raise KeyboardInterrupt from stop
-    except Exception:
+    except Exception as error:
         client.set_terminated(run_id, status="FAILED")
+        damaged = take_data_error(run_dir)
+        if damaged:  # a worker found a damaged shard: say which, not the workers' tracebacks
+            raise ValueError(damaged) from error
         raise
     finally:
         if watcher:
@@ -288,36 +322,57 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
             prune_checkpoints(run_dir, config.checkpoint.keep)
         except OSError as error:  # tidying up must not hide how the run ended
             print(f"[faceforge] could not prune old checkpoints in {run_dir}: {error}", file=sys.stderr)
+    damaged = take_data_error(run_dir)
+    if damaged:  # the workers stopped at a damaged shard (restarted ones stop at once on seeing the marker)
+        client.set_terminated(run_id, status="FAILED")
+        raise ValueError(damaged)
     client.set_terminated(run_id, status="FINISHED")
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    # Ray names a checkpoint in object storage by its path without the scheme
+    checkpoint = str(storage.native(run_dir / Path(result.checkpoint.path).name)) if result.checkpoint else None
     return {"run": config.run.name, "mlflow_run_id": run_id, "checkpoint": checkpoint, "metrics": result.metrics}
 
 
-def set_aside_unusable_ray_snapshot(run_dir: Path, resume: Path | None) -> Path | None:
+def take_data_error(run_dir: Where) -> str | None:
+    """The line a worker left (``loop.DATA_ERROR``) when it met a damaged shard, removed once read."""
+    from pipelines.train.loop import DATA_ERROR
+
+    marker = storage.location(run_dir) / DATA_ERROR
+    try:
+        line = storage.read_text(marker).strip()
+    except (FileNotFoundError, OSError):
+        return None
+    storage.delete(marker)
+    return line or None
+
+
+def set_aside_unusable_ray_snapshot(run_dir: Where, resume: Path | Location | None) -> Path | Location | None:
     """Ray refuses to start a run whose checkpoint list is empty or garbled (a full disk cut it short) or names a
     checkpoint folder that is gone (rotated, or removed by hand). The run folder itself says which checkpoints
     are intact, so such a list is moved aside and the workers resume from the newest intact one, ``resume``."""
+    run_dir = storage.location(run_dir)
     snapshot = run_dir / RAY_SNAPSHOT
-    if not snapshot.is_file():
+    try:
+        data = storage.read_bytes(snapshot)
+    except FileNotFoundError:
         return None
     try:
-        listed = json.loads(snapshot.read_text())
+        listed = json.loads(data)
         if not isinstance(listed, dict):
             raise ValueError(f"a JSON {type(listed).__name__}, not an object")
         names = _checkpoint_dir_names(listed)
-    except (OSError, ValueError) as error:
-        size = snapshot.stat().st_size
-        problem = "is empty (0 bytes)" if size == 0 else f"is not valid JSON ({size} bytes: {error})"
+    except ValueError as error:
+        problem = "is empty (0 bytes)" if not data else f"is not valid JSON ({len(data)} bytes: {error})"
     else:
-        gone = sorted(n for n in names if not (run_dir / n).is_dir())
+        gone = sorted(n for n in names if not storage.is_dir(run_dir / n))
         if not gone:
             return None
         problem = f"names {', '.join(gone)}, no longer in the run folder"
-    aside = snapshot.with_name(f"{RAY_SNAPSHOT}.set-aside")  # the last one only: evidence, not a history
-    snapshot.replace(aside)
+    aside = run_dir / f"{RAY_SNAPSHOT}.set-aside"  # the last one only: evidence, not a history
+    storage.write_bytes(aside, data)
+    storage.delete(snapshot)
     then = f"resuming from {resume.name}" if resume else "no intact checkpoint: starting from step 0"
     print(f"[faceforge] Ray's checkpoint list {snapshot} {problem}; moved it to {aside.name}; {then}", file=sys.stderr)
-    return aside
+    return storage.native(aside)
 
 
 def _checkpoint_dir_names(node) -> set[str]:
@@ -330,31 +385,27 @@ def _checkpoint_dir_names(node) -> set[str]:
     return set()
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
+def prune_checkpoints(run_dir: Where, keep: int) -> None:
     """Rotation once the run has stopped, however it stopped: an interrupt between a checkpoint's manifest and
     the workers' own rotation (or a save cut short) must not leave more than ``keep`` behind."""
-    import shutil
-
     from modeling.checkpoints import is_complete, stale_checkpoints
 
-    if not run_dir.is_dir():
-        return
     for stale in stale_checkpoints(run_dir, keep):
-        shutil.rmtree(stale, ignore_errors=True)
-    for partial in run_dir.glob("checkpoint_*"):
+        storage.delete(stale)
+    for partial in storage.children(run_dir, folders_only=True):
         # a save the stop cut short (never finished): nothing writes it any more, and resume passes it over
-        if partial.is_dir() and not is_complete(partial):
+        if partial.name.startswith("checkpoint_") and not is_complete(partial):
             print(f"[faceforge] removing {partial.name}: a save the stop cut short", file=sys.stderr)
-            shutil.rmtree(partial, ignore_errors=True)
+            storage.delete(partial)
 
 
 class ProgressWatcher:
     """Polls ``run_dir/progress.json`` (written by rank 0) and reports each new step to ``callback``."""
 
-    def __init__(self, run_dir: Path, callback: Callable[[int, int], None], interval_s: float = 1.0) -> None:
+    def __init__(self, run_dir: Where, callback: Callable[[int, int], None], interval_s: float = 1.0) -> None:
         import threading
 
-        self.path = run_dir / "progress.json"
+        self.path = storage.location(run_dir) / "progress.json"
         self.callback = callback
         self.interval_s = interval_s
         self.done = threading.Event()
@@ -368,7 +419,7 @@ class ProgressWatcher:
 
     def _poll(self) -> None:
         try:
-            state = json.loads(self.path.read_text())
+            state = json.loads(storage.read_text(self.path))
         except (OSError, ValueError):
             return
         if state["step"] != self.seen:

@@ -9,12 +9,13 @@ architectures and ``tasks.make_task`` picks one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from modeling import storage
+from modeling.storage import Where
 from pipelines.data.prepare import NULL_FILE, NULL_KEYS, REPREPARE, decode_tensor
 from pipelines.train.config import TrainConfig
 
@@ -63,16 +64,18 @@ class NullText:
     blank_latent: torch.Tensor
 
     @classmethod
-    def load(cls, data_dir: str | Path) -> NullText:
+    def load(cls, data_dir: Where) -> NullText:
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        path = Path(data_dir) / NULL_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; {REPREPARE}")
+        path = storage.location(data_dir) / NULL_FILE
         try:
-            tensors = load_file(str(path))
-        except (OSError, SafetensorError) as error:
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing; {REPREPARE}") from None
+        try:
+            tensors = load(data)
+        except (OSError, SafetensorError, ValueError) as error:
             raise ValueError(f"{path}: not a readable safetensors file ({error}); {REPREPARE}") from None
         if NULL_KEYS - {"blank_latent"} - set(tensors):
             raise ValueError(f"{path}: lacks {', '.join(sorted(NULL_KEYS - set(tensors)))}; {REPREPARE}")

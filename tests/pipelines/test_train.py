@@ -257,7 +257,7 @@ def _staged(run_dir: Path, step: int) -> tuple[Path, list[dict]]:
 def test_a_full_disk_names_the_folder_and_leaves_the_previous_checkpoint_in_charge(tmp_path, monkeypatch):
     import errno
 
-    import modeling.checkpoints
+    import modeling.storage
     from modeling.checkpoints import MANIFEST_FILE, NoSpaceLeft, newest_complete
     from pipelines.train.loop import finish_checkpoint
 
@@ -266,11 +266,11 @@ def test_a_full_disk_names_the_folder_and_leaves_the_previous_checkpoint_in_char
     path, records = _staged(tmp_path, 8)
 
     def disk_full(target, text):
-        target.with_name(".partial").write_text(text[:10])
+        target.local_path.with_name(".partial").write_text(text[:10])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with monkeypatch.context() as patch:
-        patch.setattr(modeling.checkpoints, "_write_atomically", disk_full)
+    with monkeypatch.context() as patch:  # the manifest's write, through the storage layer, meets a full disk
+        patch.setattr(modeling.storage, "write_text", disk_full)
         with pytest.raises(NoSpaceLeft) as error:
             finish_checkpoint(path, records, keep=1)
     assert str(error.value).endswith(f"no space left on {path}") and "\n" not in str(error.value)
