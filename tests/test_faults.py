@@ -144,7 +144,7 @@ def test_two_trains_and_a_prepare_side_by_side_never_touch_each_other(prepared, 
     env = _env(tmp_path)
     config = str(ROOT / "configs" / "mmface_dit_tiny.yaml")
     common = [f"data={prepared}", f"storage={tmp_path / 'runs'}", "max_steps=8", "workers=1", "ckpt_every=4",
-              "sample_every=0", "batch=4"]  # fmt: skip
+              "log_every=1", "sample_every=0", "batch=4"]  # fmt: skip
     jobs = {
         name: subprocess.Popen(
             [*FACEFORGE, "train", config, f"name={name}", *common],

@@ -56,7 +56,9 @@ class DataSection:
     split: str = "train"
     batch_size: int = 8  # per worker micro-batch
     grad_accum: int = 1
-    prefetch_batches: int = 2  # chunks (of shuffle_buffer rows) Ray Data fetches ahead of training
+    # chunks (of shuffle_buffer rows) Ray Data fetches ahead in a background thread; 0 = fetched when needed (a
+    # chunk covers at least 4 steps, and a thread blocked in Ray at shutdown printed a traceback on Ctrl-C)
+    prefetch_batches: int = 0
     # rows a worker takes from Ray Data at a time and shuffles together (rounded up to whole micro-batches, at
     # least 4), on top of the per-epoch file shuffle; 0 keeps the rows of each chunk in file order
     shuffle_buffer: int = 64
