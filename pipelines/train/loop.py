@@ -518,7 +518,10 @@ def save_and_report(
     with tempfile.TemporaryDirectory(prefix="faceforge-ckpt-") as tmp:
         directory = Path(tmp)
         with no_space_left(directory):
-            engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+            # a frozen base (Face-MoGLE's lora mode: 23.8 of FLUX-dev's 24 GB) is rebuilt from base_from on resume
+            engine.save_checkpoint(
+                str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=bool(_frozen(engine))
+            )
             (directory / rank_marker(rank)).touch()
             with gathered(params, config.train.zero_stage):
                 if rank == 0:
@@ -619,7 +622,22 @@ def _restore(engine, ema, directory: Path) -> tuple[int, int]:
     from safetensors.torch import load_file
 
     state = json.loads((directory / STATE_FILE).read_text())
-    load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    frozen = _frozen(engine)
+
+    def load_module(src: dict, dst: torch.nn.Module) -> None:
+        # a checkpoint without the frozen base: those tensors keep what base_from gave them; anything else missing
+        # or unexpected is a checkpoint of another model
+        result = dst.load_state_dict(src, strict=False)
+        missing = sorted(set(result.missing_keys) - frozen)
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"{directory}: the checkpoint does not match this model "
+                f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+            )
+
+    load_path, _ = engine.load_checkpoint(
+        str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, custom_load_fn=load_module if frozen else None
+    )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory / DEEPSPEED_DIR}")
     if ema is not None:
@@ -630,6 +648,10 @@ def _restore(engine, ema, directory: Path) -> tuple[int, int]:
             {"decay": ema.decay, "warmup": ema.warmup, "num_updates": state["ema_updates"], "shadow": shadow}
         )
     return int(state["step"]), int(state["epoch"])
+
+
+def _frozen(engine) -> set[str]:
+    return {n for n, p in engine.module.named_parameters() if not p.requires_grad}
 
 
 def load_initial_weights(model, directory: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipelines.train.config import load_config
-from pipelines.train.loop import STATE_FILE, WEIGHTS_DIR
+from pipelines.train.loop import DEEPSPEED_DIR, STATE_FILE, WEIGHTS_DIR
 from pipelines.train.run import train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -342,13 +342,18 @@ def test_face_mogle_two_stages_through_the_same_entrypoint(prepared, tmp_path, m
     losses = [v for _, v in _history(mlflow_uri, base["mlflow_run_id"])]
     assert len(losses) == 24 and sum(losses[-4:]) < 0.9 * sum(losses[:4])
 
-    lora = train(
-        load_config(
-            CONFIGS / "face_mogle_tiny.yaml",
-            [*common, "max_steps=6", "ckpt_every=6", f"base_from={runs / 'flux-base-tiny'}"],
-        )
-    )
+    stage = [*common, "ckpt_every=6", f"base_from={runs / 'flux-base-tiny'}"]
+    lora = train(load_config(CONFIGS / "face_mogle_tiny.yaml", [*stage, "max_steps=6"]))
     assert _state(lora["checkpoint"])["step"] == 6
+    # the training checkpoint leaves the frozen base out too (base_from rebuilds it) ...
+    (model_states,) = (Path(lora["checkpoint"]) / DEEPSPEED_DIR).rglob("*model_states.pt")
+    saved = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+    assert saved and all(".lora_" in k or k.startswith("mogle.") for k in saved)
+    # ... and the run resumes from it: same run, two more steps, the trainable tensors carried on
+    resumed = train(load_config(CONFIGS / "face_mogle_tiny.yaml", [*stage, "max_steps=8", "ckpt_every=2"]))
+    assert resumed["mlflow_run_id"] == lora["mlflow_run_id"] and _state(resumed["checkpoint"])["step"] == 8
+    losses = [s for s, _ in _history(mlflow_uri, lora["mlflow_run_id"])]
+    assert sorted(losses) == list(range(1, 9))
 
     from modeling.face_mogle import build_face_mogle, load_trainable
     from modeling.weights import load_weights
