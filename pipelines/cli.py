@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -565,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _interrupt_on_sigterm()
+    # a tracking server makes MLflow write run links to stdout, which is each command's JSON answer
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError,

@@ -143,11 +143,6 @@ def _files_under(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 18, open: in the 2026-12-07 make test run the bucket's progress.json read back empty after the "
-    "resumed run (a hand run showed step 6); under investigation",
-)
 def test_prepare_train_with_a_killed_worker_publish_and_serve_with_every_path_in_the_bucket(
     servers, synth_root, tmp_path
 ):
@@ -208,6 +203,7 @@ def test_prepare_train_with_a_killed_worker_publish_and_serve_with_every_path_in
 
         published = json.loads(faceforge("publish", "e2e", "--storage", runs).stdout)
         assert published["checkpoint"] == f"{runs}/e2e/checkpoint_000006"
+        assert published["examples"] == 4  # the page's example conditions, from the held-out shards in the bucket
 
     port = _free_port()
     server = subprocess.Popen(

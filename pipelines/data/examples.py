@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modeling import storage
 from modeling.examples import Example, ExampleSet, most_typical
 from pipelines.data.prepare import decode_tensor, load_manifest
 
@@ -26,7 +27,8 @@ def held_out_examples(
     size = manifest["size"]
     ids, masks, captions = [], [], []
     for shard in (s for s in manifest["shards"] if s["split"] == split):
-        table = pq.read_table(Path(data) / "shards" / shard["file"], columns=["id", "mask_labels", "captions"])
+        with storage.open_input(storage.location(data) / "shards" / shard["file"]) as file:
+            table = pq.read_table(file, columns=["id", "mask_labels", "captions"])
         for row in table.to_pylist():
             if row["mask_labels"] is None:
                 continue
@@ -45,7 +47,7 @@ def held_out_examples(
         Example(ids[i], captions[i], np.array(masks[i]), None if drawn is None else drawn[j])
         for j, i in enumerate(order)
     ]
-    source = {"data": str(Path(data).resolve()), "split": split, "pool": len(ids), "sketches": drawn is not None}
+    source = {"data": str(storage.location(data)), "split": split, "pool": len(ids), "sketches": drawn is not None}
     return ExampleSet(examples, default_layout=0, source=source)
 
 
