@@ -43,6 +43,7 @@ from modeling.checkpoints import (
     write_manifest,
 )
 from pipelines.train.config import TrainConfig, config_from_dict
+from pipelines.train.feed import COPY, DATA_POSITION, build_dataset, remaining_rows, row_names, with_copies
 from pipelines.train.task import NullText, Task
 from pipelines.train.tasks import make_task
 
@@ -220,16 +221,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with gathered(params, config.train.zero_stage):
             ema = EMA([n for n, _ in named], params, decay=config.ema.decay, warmup=config.ema.warmup)
 
-    step, epoch = 0, 0
+    step, epoch, consumed_before = 0, 0, []
     source = resume_point(loop_config.get("run_dir"), rank)
     checkpoint = ray.train.get_checkpoint() if source is None else None
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as from_ray:
         if source is None and from_ray is not None and is_complete(Path(from_ray)):
             source = Path(from_ray)
         if source is not None:
-            step, epoch = restore(engine, ema, source)
+            step, epoch, consumed_before = restore(engine, ema, source)
     if source is not None and rank == 0:
-        print(f"[faceforge] resumed from {source.name}: step {step} (epoch {epoch})", flush=True)
+        done = f", {len(consumed_before)} of its rows already trained on" if consumed_before else ""
+        print(f"[faceforge] resumed from {source.name}: step {step} (pass {epoch}{done})", flush=True)
 
     metrics = MetricBuffer(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
     global_batch = config.data.batch_size * config.data.grad_accum * world
@@ -242,7 +244,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     while step < config.train.max_steps:
         rng = np.random.default_rng([config.run.seed, rank, epoch])
-        iterator = shard_batches(shard, config, rng, task.collate)
+        seen: list[str] = []  # this rank's rows of the pass since it started (or resumed), for the checkpoint
+        # a run resumed within a pass reads only what the pass has left; the next pass is whole again
+        feed = rest_of_pass(config, manifest, task, loop_config, consumed_before, rank) if consumed_before else shard
+        iterator = shard_batches(feed, config, rng, task.collate, seen)
         got_batch = False
         while step < config.train.max_steps:
             window.lap()
@@ -329,14 +334,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     metrics,
                     stats_for_report(metrics),
                     loop_config.get("run_dir"),
+                    consumed_before,
+                    seen,
                 )
                 window.lap("checkpoint")
-        if not got_batch:
+        if not got_batch and not consumed_before:
             raise RuntimeError(
                 f"worker {rank} got no batch of {config.data.batch_size} rows from {config.data.path}; "
                 "lower data.batch_size or scaling.num_workers, or prepare more data"
             )
         epoch += 1
+        consumed_before = []
     if bar is not None:
         bar.close()
 
@@ -403,23 +411,45 @@ def shard_chunk_rows(config: TrainConfig) -> int:
     return b * max(4, -(-config.data.shuffle_buffer // b))
 
 
-def shard_batches(shard, config: TrainConfig, rng: np.random.Generator, collate):
+def shard_batches(shard, config: TrainConfig, rng: np.random.Generator, collate, seen: list[str] | None = None):
     """One epoch of this worker's micro-batches: chunks of ``shard_chunk_rows`` rows from the Ray Data shard (in
     the epoch's file order), each shuffled with ``rng`` and cut into collated micro-batches; fewer than
     ``batch_size`` rows left at the end of the epoch are dropped.
 
     Ray Data's own per-batch path (block slicing, a local shuffle buffer, formatting and the collate in a
     prefetch thread) runs once per chunk instead of once per step: it shares the worker's cores with training,
-    and per step it cost more than the collate itself."""
+    and per step it cost more than the collate itself.
+
+    ``seen`` (when given) gets each yielded micro-batch's row names (``feed.row_names``) as it is yielded."""
     b = config.data.batch_size
     for chunk in shard.iter_batches(
         batch_size=shard_chunk_rows(config), batch_format="numpy", prefetch_batches=config.data.prefetch_batches
     ):
         n = len(next(iter(chunk.values())))
         order = rng.permutation(n) if config.data.shuffle_buffer else np.arange(n)
+        columns = {k: v for k, v in chunk.items() if k != COPY}
         for start in range(0, n - b + 1, b):
             pick = order[start : start + b]
-            yield collate({k: v[pick] for k, v in chunk.items()}, rng)
+            if seen is not None:
+                seen.extend(row_names(chunk, pick))
+            yield collate({k: v[pick] for k, v in columns.items()}, rng)
+
+
+def rest_of_pass(config: TrainConfig, manifest: dict, task: Task, loop_config: dict, consumed: list[str], rank: int):
+    """This rank's part of what a resumed pass has left: rank 0 rebuilds the pass without the ``consumed`` rows and
+    splits it across the ranks as Ray Train splits the whole one (equal parts), every rank takes its part."""
+    import ray.train
+    import torch.distributed as dist
+
+    parts = [None]
+    if rank == 0:
+        repeats = loop_config.get("epochs_per_pass", 1)
+        dataset, _ = build_dataset(config, manifest, task.columns, materialize=False)
+        dataset = dataset.materialize() if repeats > 1 else dataset  # read once, not once per copy
+        dataset = remaining_rows(with_copies(dataset, repeats), consumed)
+        parts = [dataset.streaming_split(ray.train.get_context().get_world_size(), equal=True)]
+    dist.broadcast_object_list(parts, src=0)
+    return parts[0][rank]
 
 
 def stats_for_report(metrics: MetricBuffer | None) -> dict:
@@ -503,14 +533,31 @@ def resume_point(run_dir: str | None, rank: int) -> Path | None:
 
 
 def save_and_report(
-    engine, ema, task: Task, params, config, step, epoch, rank, metrics, report_metrics, run_dir: str | None
+    engine,
+    ema,
+    task: Task,
+    params,
+    config,
+    step,
+    epoch,
+    rank,
+    metrics,
+    report_metrics,
+    run_dir: str | None,
+    consumed_before: list[str] = (),
+    seen: list[str] = (),
 ) -> None:
     """Every rank stages its files and hands them to ``ray.train.report``, which copies them into
-    ``run_dir/checkpoint_NNNNNN``; once all ranks' copies are in, rank 0 writes the manifest and rotates."""
+    ``run_dir/checkpoint_NNNNNN``; once all ranks' copies are in, rank 0 writes the manifest and rotates.
+
+    The checkpoint records the data position: the rows of pass ``epoch`` trained on so far (those before a
+    resume, ``consumed_before``, and every rank's ``seen`` since)."""
     import ray.train
     import torch.distributed as dist
 
     name = checkpoint_name(step)
+    every_seen = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(list(seen), every_seen, dst=0)
     target = storage.location(run_dir) / name if run_dir else None
     if rank == 0 and target is not None and storage.is_dir(target):
         # this step's folder from an abandoned attempt: its stale manifest must not vouch for the new files
@@ -538,6 +585,8 @@ def save_and_report(
                     "manifest": MANIFEST_FORMAT,
                 }
                 (directory / STATE_FILE).write_text(json.dumps(state))
+                consumed = [*consumed_before, *(n for part in every_seen for n in part)]
+                (directory / DATA_POSITION).write_text(json.dumps({"pass": epoch, "consumed": consumed}))
         records = file_records(directory)
         every_rank = [None] * dist.get_world_size() if rank == 0 else None
         dist.gather_object(records, every_rank, dst=0)
@@ -611,14 +660,14 @@ def save_serving_weights(directory: Path, task: Task, model, trainable: dict, em
     save_weights(directory, trainable, task.weights_config(model), ema_state)
 
 
-def restore(engine, ema, source) -> tuple[int, int]:
+def restore(engine, ema, source) -> tuple[int, int, list[str]]:
     """Model, optimizer, scheduler and EMA from a checkpoint folder (one in object storage is first copied into a
-    local temp folder: DeepSpeed reads local files)."""
+    local temp folder: DeepSpeed reads local files); returns the step, the pass and its rows already trained on."""
     with storage.local_folder(source) as directory:
         return _restore(engine, ema, directory)
 
 
-def _restore(engine, ema, directory: Path) -> tuple[int, int]:
+def _restore(engine, ema, directory: Path) -> tuple[int, int, list[str]]:
     from safetensors.torch import load_file
 
     state = json.loads((directory / STATE_FILE).read_text())
@@ -647,7 +696,11 @@ def _restore(engine, ema, directory: Path) -> tuple[int, int]:
         ema.load_state_dict(
             {"decay": ema.decay, "warmup": ema.warmup, "num_updates": state["ema_updates"], "shadow": shadow}
         )
-    return int(state["step"]), int(state["epoch"])
+    position = directory / DATA_POSITION
+    if position.is_file():  # where in its pass the checkpoint was taken
+        data = json.loads(position.read_text())
+        return int(state["step"]), int(data["pass"]), list(data["consumed"])
+    return int(state["step"]), int(state["epoch"]), []  # an older checkpoint: the next pass, whole
 
 
 def _frozen(engine) -> set[str]:

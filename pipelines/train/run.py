@@ -128,36 +128,15 @@ def open_mlflow_run(config: TrainConfig, manifest: dict, run_dir: Where) -> tupl
 
 
 def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
-    import ray
-    from ray.data import FileShuffleConfig
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipelines.train.feed import build_dataset
     from pipelines.train.loop import train_loop_per_worker
     from pipelines.train.tasks import make_task
 
     task = make_task(config, manifest)
-    data = storage.location(config.data.path)
-    shards = [s for s in manifest["shards"] if s["split"] == config.data.split]
-    files = [(data / "shards" / s["file"]).path for s in shards]
-    if not files:
-        raise ValueError(f"{config.data.path}: no '{config.data.split}' shards in the manifest (data.split)")
-    dataset = ray.data.read_parquet(
-        files, filesystem=data.fs, shuffle=FileShuffleConfig(seed=config.run.seed)
-    ).select_columns(task.columns)
-    repeats = 1
-    if should_materialize(config.data.materialize, data, shards):
-        # every epoch re-executes the dataset; from the object store that is ~2 s less per epoch on a
-        # small split (the file order is then drawn once; the workers' chunk shuffle still varies per epoch)
-        dataset = dataset.materialize()
-        print(f"[faceforge] '{config.data.split}' split kept in Ray's object store (data.materialize)", file=sys.stderr)
-        rows = manifest["counts"]["splits"].get(config.data.split, {}).get("n_written", 0)
-        repeats = epochs_per_pass(config, rows)
-        if repeats > 1:
-            # Each pass over a Ray Data dataset starts a new execution that every worker waits for (~0.4 s
-            # measured on 2 cores: 5% of the step time of the demo, whose epoch is 28 steps). A small split is
-            # read as several epochs in one pass; the workers reshuffle each chunk they take as before.
-            dataset = dataset.union(*[dataset] * (repeats - 1))
+    dataset, repeats = build_dataset(config, manifest, task.columns)
     loop_extra = {**loop_extra, "epochs_per_pass": repeats}
     s = config.scaling
     runs = storage.location(config.run.storage)
@@ -180,26 +159,6 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
         ),
         datasets={"train": dataset},
     )
-
-
-MIN_PASS_STEPS = 200
-
-
-def epochs_per_pass(config: TrainConfig, rows: int) -> int:
-    """Epochs of a materialized split read in one pass of Ray Data: enough for ``MIN_PASS_STEPS`` global steps."""
-    per_step = config.data.batch_size * config.data.grad_accum * config.scaling.num_workers
-    return max(1, -(-MIN_PASS_STEPS * per_step // max(1, rows)))
-
-
-def should_materialize(mode: str, data: Location, shards: list[dict]) -> bool:
-    """``data.materialize``: always, never, or auto = the shards take at most 1/8 of the object store."""
-    if mode != "auto":
-        return mode == "always"
-    import ray
-
-    on_disk = sum(s.get("bytes") or storage.size(data / "shards" / s["file"]) for s in shards)
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    return on_disk * 8 <= store
 
 
 def leave_cpu_headroom(config: TrainConfig) -> None:

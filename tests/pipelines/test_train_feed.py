@@ -78,3 +78,20 @@ def test_the_window_breakdown_accounts_for_the_elapsed_time():
     total = sum(timed.values()) * 3 / 1000
     assert total == pytest.approx(window.elapsed(), rel=0.05)
     assert window.mean_loss() == 2.0
+
+
+def test_a_pass_of_several_epochs_names_each_copy_and_a_resumed_pass_skips_what_was_trained_on(ray_local):
+    import ray
+
+    from pipelines.train.feed import remaining_rows, row_names, with_copies
+
+    rows = ray.data.range(10).map_batches(lambda b: {"id": b["id"], "x": b["id"] * 2.0}, batch_format="numpy")
+    whole = with_copies(rows, 3).take_all()
+    names = [f"{r['id']}#{r['copy']}" for r in whole]
+    assert len(names) == len(set(names)) == 30  # 10 rows x 3 epochs, each named once
+    consumed = ["1#0", "2#2", "9#1"]
+    rest = remaining_rows(with_copies(rows, 3), consumed).take_all()
+    assert sorted(f"{r['id']}#{r['copy']}" for r in rest) == sorted(set(names) - set(consumed))
+    assert remaining_rows(rows, ["3#0"]).count() == 9  # a single-epoch pass has no copy column: copy 0
+    chunk = {"id": np.array([5, 6, 7]), "copy": np.array([0, 2, 1])}
+    assert row_names(chunk, [2, 0]) == ["7#1", "5#0"] and row_names({"id": np.array([4])}, [0]) == ["4#0"]
