@@ -44,6 +44,7 @@ from modeling.checkpoints import (
 )
 from pipelines.train.config import TrainConfig, config_from_dict
 from pipelines.train.feed import COPY, DATA_POSITION, build_dataset, remaining_rows, row_names, with_copies
+from pipelines.train.restarts import record_restart
 from pipelines.train.task import NullText, Task
 from pipelines.train.tasks import make_task
 
@@ -234,6 +235,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[faceforge] resumed from {source.name}: step {step} (pass {epoch}{done})", flush=True)
 
     metrics = MetricBuffer(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
+    if metrics is not None:
+        record_restart(loop_config.get("run_dir"), metrics.client, metrics.run_id, source, step, world)
     global_batch = config.data.batch_size * config.data.grad_accum * world
     shard = ray.train.get_dataset_shard("train")
     bar = _progress(config, step) if rank == 0 else None
@@ -300,6 +303,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "train/samples_per_s": global_batch * (window.n / config.data.grad_accum) / elapsed,
                     "train/data_wait_frac": window.phases.get("data_wait", 0.0) / elapsed,
                     "train/epoch": epoch * loop_config.get("epochs_per_pass", 1),
+                    "train/world_size": world,
                     **window.breakdown(config.data.grad_accum),
                     **startup.report(),
                 }

@@ -133,6 +133,7 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
 
     from pipelines.train.feed import build_dataset
     from pipelines.train.loop import train_loop_per_worker
+    from pipelines.train.restarts import FailureNote
     from pipelines.train.tasks import make_task
 
     task = make_task(config, manifest)
@@ -140,6 +141,7 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
     loop_extra = {**loop_extra, "epochs_per_pass": repeats}
     s = config.scaling
     runs = storage.location(config.run.storage)
+    notes = [FailureNote(loop_extra["run_dir"], loop_extra.get("storage_env"))] if "run_dir" in loop_extra else None
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = 1
@@ -156,6 +158,8 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
             # rank 0 rotates (checkpoint.keep) once a checkpoint's manifest is written: Ray would count
             # checkpoints by its reports alone, even one that never became complete
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            # notes why workers failed, for the next worker group to say and record (pipelines.train.restarts)
+            callbacks=notes,
         ),
         datasets={"train": dataset},
     )

@@ -219,6 +219,15 @@ def test_killed_worker_resumes_within_its_pass_and_mlflow_has_each_step_once(pre
     assert (run / ".fault_injected").is_file()  # the worker really died
     assert _state(summary["checkpoint"])["step"] == 10
     assert [step for step, _ in _history(mlflow_uri, summary["mlflow_run_id"])] == list(range(1, 11))
+    # the restart is in MLflow: why, from which checkpoint, on how many workers
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(summary["mlflow_run_id"]).data.tags["faceforge.restarts"] == "1"
+    restart = json.loads(Path(client.download_artifacts(summary["mlflow_run_id"], "restarts/001.json")).read_text())
+    assert restart["why"].startswith("rank 1: worker died") and restart["from_checkpoint"] == "checkpoint_000004"
+    assert (restart["step"], restart["workers"]) == (4, 2)
+    assert {v for _, v in _history(mlflow_uri, summary["mlflow_run_id"], "train/world_size")} == {2}
 
     from pipelines.train.feed import DATA_POSITION
 
@@ -466,3 +475,15 @@ def test_damaged_prepared_data_is_refused_in_one_line_before_training(prepared, 
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert all(run.info.status != "RUNNING" for run in runs)
+
+
+def test_a_restart_names_its_cause_before_the_ranks_that_only_lost_a_peer():
+    from ray.exceptions import ActorDiedError
+
+    from pipelines.train.restarts import describe
+
+    echo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:41187: Connection reset by peer")
+    node = RuntimeError("The actor died because its node has died. Node Id: 5a1f")
+    assert describe({0: echo, 1: ActorDiedError()}).startswith("rank 1: worker died (ActorDiedError")
+    assert describe({0: echo, 1: node}).startswith("rank 1: node lost")
+    assert describe({0: ValueError("bad batch")}) == "rank 0: worker raised (ValueError: bad batch)"
