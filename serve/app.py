@@ -18,6 +18,7 @@ import base64
 import binascii
 import hmac
 import io
+import logging
 import os
 import random
 import time
@@ -28,6 +29,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -39,6 +41,7 @@ from serve.schemas import GenerateRequest, GenerateResponse, ModelsResponse
 from serve.settings import TOKEN_ENV, Limits, ServeSettings, tracking_uri
 
 PAGE = Path(__file__).with_name("page.html")
+logger = logging.getLogger("ray.serve")
 
 api = FastAPI(
     title="faceforge",
@@ -214,6 +217,28 @@ class FaceforgeIngress:
         shown = self.registry.examples(ref, self.settings.model_cache_dir())
         return next((e["mask"] for e in shown if e["default_layout"]), None)
 
+    async def _generate(self, model_id: str, items: list[Item], steps: int | None, guidance: float | None):
+        """The model deployment's answer and how many times the request was sent again. A replica that dies
+        with the request in flight (SIGKILL, lost node, OOM) raises ``ActorDiedError``, or
+        ``ActorUnavailableError`` while its death is not yet known; both are ``RayActorError``. Serve retries
+        only requests that no replica accepted yet, so an accepted one is sent again here: generation is seeded,
+        so a second run gives the same images. When no replica takes it, 503 with ``Retry-After``, never a 500."""
+        capacity = self.settings.capacity
+        busy = {"Retry-After": str(max(1, round(capacity.retry_after_s)))}
+        handle = self.model.options(multiplexed_model_id=model_id)
+        for attempt in range(capacity.replica_retries + 1):
+            try:
+                return await handle.generate.remote(items, steps, guidance), attempt
+            except GenerationError as error:
+                raise HTTPException(422, str(error)) from None
+            except BackPressureError:
+                raise HTTPException(503, "the model is busy: too many requests queued; retry shortly",
+                                    headers=busy) from None  # fmt: skip
+            except RayActorError as error:
+                logger.warning("a model replica died with a request in flight (%s); attempt %d of %d",
+                               type(error).__name__, attempt + 1, capacity.replica_retries + 1)  # fmt: skip
+        raise HTTPException(503, "the model replicas died while generating; retry shortly", headers=busy)
+
     @api.post(
         "/v1/generate",
         response_model=GenerateResponse,
@@ -242,19 +267,12 @@ class FaceforgeIngress:
         seeds = [seed + i for i in range(body.n)]
         items = [Item(prompt=body.prompt, mask=mask, sketch=sketch, seed=s) for s in seeds]
         started = time.perf_counter()
-        try:
-            handle = self.model.options(multiplexed_model_id=ref.id)
-            out = await handle.generate.remote(items, body.steps, body.guidance)
-        except GenerationError as error:
-            raise HTTPException(422, str(error)) from None
-        except BackPressureError:
-            retry = self.settings.capacity.retry_after_s
-            raise HTTPException(503, "the model is busy: too many requests queued; retry shortly",
-                                headers={"Retry-After": str(max(1, round(retry)))}) from None  # fmt: skip
+        out, retries = await self._generate(ref.id, items, body.steps, body.guidance)
         sizes = [r.batch_size for r in out["results"]]
         pngs = [r.png for r in out["results"]]
         headers = {"X-Model": ref.id, "X-Seed": str(seeds[0]), "X-Batch-Size": str(max(sizes)),
-                   "X-Default-Layout": str(any(out["default_layout"])).lower()}  # fmt: skip
+                   "X-Default-Layout": str(any(out["default_layout"])).lower(),
+                   "X-Replica": out["replica"], "X-Retries": str(retries)}  # fmt: skip
         if body.n == 1 and "image/png" in request.headers.get("accept", ""):
             return Response(pngs[0], media_type="image/png", headers=headers)
         payload = GenerateResponse(

@@ -51,6 +51,7 @@ def model_deployment(settings: ServeSettings):
         ray_actor_options={"num_cpus": capacity.model_num_cpus, "num_gpus": capacity.model_num_gpus},
         max_ongoing_requests=capacity.model_max_ongoing,
         max_queued_requests=capacity.model_max_queued,
+        health_check_period_s=capacity.health_check_period_s,
     )
     class FaceModel:
         def __init__(self, settings: dict) -> None:
@@ -59,6 +60,7 @@ def model_deployment(settings: ServeSettings):
             self.cache_dir = self.settings.model_cache_dir()
             self.device = "cuda" if self.settings.capacity.model_num_gpus > 0 else "cpu"
             self.queues: dict[tuple[int, float], object] = {}
+            self.replica = serve.get_replica_context().replica_id.unique_id  # answers carry it (X-Replica)
 
         @serve.multiplexed(max_num_models_per_replica=settings.batching.max_models_per_replica)
         async def get_model(self, model_id: str):
@@ -93,7 +95,7 @@ def model_deployment(settings: ServeSettings):
             results = await asyncio.gather(*(queue(item) for item in items))
             default = [generator.uses_default_layout(_request(item)) for item in items]
             return {"results": results, "steps": steps, "guidance": guidance, "size": generator.size,
-                    "default_layout": default}  # fmt: skip
+                    "default_layout": default, "replica": self.replica}  # fmt: skip
 
         def _queue(self, steps: int, guidance: float):
             key = (steps, guidance)

@@ -80,6 +80,10 @@ class Capacity:
     model_replicas: int = 1
     model_num_cpus: float = 1.0
     model_num_gpus: float = 0.0
+    # a model replica that dies is noticed at its next health check and replaced; a request in flight on it is
+    # retried on another replica up to ``replica_retries`` times, then answered 503 with ``Retry-After``
+    health_check_period_s: float = 10.0
+    replica_retries: int = 2
 
 
 @dataclass
