@@ -51,13 +51,6 @@ def _tree(process: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def _cmdline(process: psutil.Process) -> str:
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
-
-
 @dataclass
 class Node:
     name: str
@@ -124,7 +117,7 @@ class LocalCluster:
             _, alive = psutil.wait_procs(processes, timeout=20)
             _kill(alive)
             psutil.wait_procs(alive, timeout=10)
-            node.process.wait(timeout=10)
+            node.process.poll()  # reaped: no zombie left behind
         self.reaper.terminate()
         self.reaper.wait(timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
