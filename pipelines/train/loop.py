@@ -54,6 +54,8 @@ DEEPSPEED_TAG = "state"
 # the one line a worker leaves in the run folder when it met a damaged shard (the driver reports it and fails
 # the run; restarted workers see it and stop at once: a damaged file is not a fault that a retry mends)
 DATA_ERROR = "data_error.txt"
+# the metric rows a checkpoint covers, kept inside it: logged from there on resume if rank 0 died before its flush
+PENDING_METRICS = "metrics_pending.json"
 
 
 def lr_lambda(config: TrainConfig):
@@ -164,6 +166,31 @@ class MetricBuffer:
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 900])
         self.rows = []
 
+    def save(self, directory: Path) -> None:
+        """The rows not yet in MLflow, written into a checkpoint being staged: the checkpoint is complete (a resume
+        point) before ``flush`` runs, and rank 0 may die in between (a node lost, the tracking server down)."""
+        (directory / PENDING_METRICS).write_text(json.dumps(self.rows))
+
+    def recover(self, checkpoint) -> None:
+        """On resume: logs the rows the checkpoint carried that MLflow lacks (its flush never happened), each
+        (metric, step) once; a flush that did happen leaves nothing to log."""
+        try:
+            rows = json.loads(storage.read_text(storage.location(checkpoint) / PENDING_METRICS))
+        except FileNotFoundError:
+            return
+        if not self.client or not rows:
+            return
+        logged = {key: {m.step for m in self.client.get_metric_history(self.run_id, key)} for key, _, _ in rows}
+        missing = [(key, value, step) for key, value, step in rows if step not in logged[key]]
+        if missing:
+            print(
+                f"[faceforge] logging {len(missing)} metric values of steps up to {missing[-1][2]} that the last "
+                f"run saved in {storage.location(checkpoint).name} but never sent to MLflow",
+                flush=True,
+            )
+            self.rows = [*missing, *self.rows]
+            self.flush()
+
     def log_artifact(self, path: str, artifact_path: str) -> None:
         if self.client:
             self.client.log_artifact(self.run_id, path, artifact_path)
@@ -237,6 +264,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     metrics = MetricBuffer(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
     if metrics is not None:
         record_restart(loop_config.get("run_dir"), metrics.client, metrics.run_id, source, step, world)
+        if source is not None:
+            metrics.recover(source)
     global_batch = config.data.batch_size * config.data.grad_accum * world
     shard = ray.train.get_dataset_shard("train")
     bar = _progress(config, step) if rank == 0 else None
@@ -591,6 +620,8 @@ def save_and_report(
                 (directory / STATE_FILE).write_text(json.dumps(state))
                 consumed = [*consumed_before, *(n for part in every_seen for n in part)]
                 (directory / DATA_POSITION).write_text(json.dumps({"pass": epoch, "consumed": consumed}))
+                if metrics is not None:
+                    metrics.save(directory)
         records = file_records(directory)
         every_rank = [None] * dist.get_world_size() if rank == 0 else None
         dist.gather_object(records, every_rank, dst=0)

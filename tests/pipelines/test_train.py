@@ -487,3 +487,32 @@ def test_a_restart_names_its_cause_before_the_ranks_that_only_lost_a_peer():
     assert describe({0: echo, 1: ActorDiedError()}).startswith("rank 1: worker died (ActorDiedError")
     assert describe({0: echo, 1: node}).startswith("rank 1: node lost")
     assert describe({0: ValueError("bad batch")}) == "rank 0: worker raised (ValueError: bad batch)"
+
+
+def test_steps_a_checkpoint_covers_reach_mlflow_once_even_when_rank_0_died_before_its_flush(tmp_path, mlflow_uri):
+    from mlflow import MlflowClient
+
+    from pipelines.train.loop import MetricBuffer
+
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("recover")).info.run_id
+    history = lambda: sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))  # noqa: E731
+    first = tmp_path / "checkpoint_000002"
+    first.mkdir()
+    dying = MetricBuffer(mlflow_uri, run_id)
+    dying.add(1, {"train/loss": 1.5, "train/lr": 0.1})
+    dying.add(2, {"train/loss": 1.4, "train/lr": 0.1})
+    dying.save(first)  # the checkpoint is complete; rank 0 dies before its flush
+    assert history() == []
+    resumed = MetricBuffer(mlflow_uri, run_id)
+    resumed.recover(first)
+    resumed.recover(first)  # a second resume from the same checkpoint logs nothing more
+    assert history() == [1, 2]
+    second = tmp_path / "checkpoint_000004"
+    second.mkdir()
+    resumed.add(3, {"train/loss": 1.3, "train/lr": 0.1})
+    resumed.add(4, {"train/loss": 1.2, "train/lr": 0.1})
+    resumed.save(second)
+    resumed.flush()  # this time the flush happened: a resume from it has nothing to add
+    MetricBuffer(mlflow_uri, run_id).recover(second)
+    assert history() == [1, 2, 3, 4] and len(client.get_metric_history(run_id, "train/lr")) == 4
