@@ -52,7 +52,7 @@ def prepared(ray_local, synth_root, tmp_path_factory) -> Path:
     return out
 
 
-# the demo's MMFace-DiT recipe, shortened: 400 faces, a quicker parser, 400 of the demo's 900 steps
+# the demo's MMFace-DiT recipe, shortened: 400 faces, a quicker parser, 600 of the demo's 900 steps
 SHORT_RECIPE = {"n": 400, "parser_steps": 300, "steps": 600, "eval_n": 32}
 
 

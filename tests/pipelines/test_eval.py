@@ -61,13 +61,15 @@ def test_a_parser_under_the_bar_is_refused_as_a_judge(tmp_path):
         load_parser(tmp_path / "missing")
 
 
-# The demo's MMFace-DiT recipe, shortened (``short_recipe`` in tests/conftest.py): 400 faces, a quicker parser, 400
+# The demo's MMFace-DiT recipe, shortened (``short_recipe`` in tests/conftest.py): 400 faces, a quicker parser, 600
 # of the demo's 900 steps (Face-MoGLE needs ~600 steps to leave chance on attributes; its learning is proven by the
-# sampling proofs and the demo). Measured on the 2-core machine at 400 steps, over three runs (Ray Data's shuffle
-# varies): mask mIoU 0.40-0.42 (shuffled conditions 0.24, chance 0.05), hair colour 0.50-0.87 (chance 0.2,
-# shuffled ~0.26); background colour is still at chance there (0.13-0.19; it reaches 0.92 by the demo's 900
-# steps), so only mask and hair are asserted, with a margin under the lowest reached.
-FLOORS = {"miou": 0.32, "hair": 0.35}
+# sampling proofs and the demo). With the demo's recipe (text without RoPE, condition dropout 0.3) 400 steps were
+# too few: hair and background colour were still at chance in one run of two (0.27 / 0.28; shuffled 0.26), and a
+# floor on one colour over ~30 judged faces fails by sampling alone (one run's hair went 0.43 -> 0.83 with
+# background 0.81 -> 0.50). Measured at 600 steps on the 2-core machine, two runs (Ray Data's order varies): mask
+# mIoU 0.41-0.45 (shuffled conditions 0.24-0.26, chance 0.05), the mean of hair and background colour accuracy
+# 0.62-0.67 (chance 0.2); asserted with a margin under the lowest reached.
+FLOORS = {"miou": 0.32, "colours": 0.45}
 
 
 @pytest.mark.slow  # the short recipe: prepare 400 faces, train a parser and 400 steps of MMFace-DiT
@@ -91,7 +93,7 @@ def test_short_recipe_follows_masks_and_captions_far_above_chance(short_recipe):
         print(f"\n{run}: mIoU {result['miou']} (shuffled {result['miou_shuffled']}), hair {hair['accuracy']}, "
               f"background {background['accuracy']}")  # fmt: skip
         assert result["miou"] >= FLOORS["miou"] and result["miou"] > result["miou_shuffled"] + 0.1
-        assert hair["accuracy"] >= FLOORS["hair"] and background["n"] > 0
+        assert (hair["accuracy"] + background["accuracy"]) / 2 >= FLOORS["colours"] and background["n"] > 0
         assert out.with_suffix(".png").is_file()
         # the figures are in the training run, at the checkpoint's step
         client = MlflowClient(short_recipe["uri"])
