@@ -72,7 +72,7 @@ def test_a_parser_under_the_bar_is_refused_as_a_judge(tmp_path):
 FLOORS = {"miou": 0.32, "colours": 0.45}
 
 
-@pytest.mark.slow  # the short recipe: prepare 400 faces, train a parser and 400 steps of MMFace-DiT
+@pytest.mark.slow  # the short recipe: prepare 400 faces, train a parser and 600 steps of MMFace-DiT
 def test_short_recipe_follows_masks_and_captions_far_above_chance(short_recipe):
     from mlflow import MlflowClient
 
@@ -105,7 +105,7 @@ def test_short_recipe_follows_masks_and_captions_far_above_chance(short_recipe):
         assert "eval/hair_color_acc" in logged
 
 
-@pytest.mark.slow  # the short recipe: prepare 400 faces, train a parser and 400 steps of MMFace-DiT
+@pytest.mark.slow  # the short recipe: prepare 400 faces, train a parser and 600 steps of MMFace-DiT
 def test_eval_refuses_a_dataset_without_known_attributes_in_one_line(short_recipe, tmp_path, capsys):
     import shutil
 

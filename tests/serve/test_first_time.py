@@ -1,6 +1,6 @@
 """What a first-time user meets: the page in Chromium, both demo models trained for real, faces judged by the parser.
 
-The shortened demo recipe (``short_recipe``: synthetic faces, the synthetic parser, MMFace-DiT 400 steps) plus the
+The shortened demo recipe (``short_recipe``: synthetic faces, the synthetic parser, MMFace-DiT 600 steps) plus the
 Face-MoGLE stage-1 model (the tiny FLUX base with MoGLE, ``flux_base_tiny.yaml``) trained briefly, both published
 (examples drawn from their held-out data) and served with no default configured: the page opens on Face-MoGLE.
 A generated image "is a face" when the synthetic parser finds skin, hair and a face-sized foreground in it; for an
