@@ -180,7 +180,8 @@ class MetricBuffer:
             return
         if not self.client or not rows:
             return
-        logged = {key: {m.step for m in self.client.get_metric_history(self.run_id, key)} for key, _, _ in rows}
+        keys = {key for key, _, _ in rows}  # one history read per metric, not per row
+        logged = {key: {m.step for m in self.client.get_metric_history(self.run_id, key)} for key in keys}
         missing = [(key, value, step) for key, value, step in rows if step not in logged[key]]
         if missing:
             print(
