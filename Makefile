@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/faceforge demo
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -m "not gpu" --timeout=900
+	$(PY) -m pytest -q -m "not gpu" --timeout=900 --durations=15
 
 # the web page's test drives Debian's chromium through Playwright; as root we install it, otherwise the test
 # says why it skipped

@@ -261,12 +261,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if source is not None and rank == 0:
         done = f", {len(consumed_before)} of its rows already trained on" if consumed_before else ""
         print(f"[faceforge] resumed from {source.name}: step {step} (pass {epoch}{done})", flush=True)
+    startup.mark("restored")  # the EMA built and, on a resume, the checkpoint read
 
     metrics = MetricBuffer(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else None
     if metrics is not None:
         record_restart(loop_config.get("run_dir"), metrics.client, metrics.run_id, source, step, world)
         if source is not None:
             metrics.recover(source)
+    startup.mark("mlflow_client")  # rank 0: MLflow imported, its client made, a restart recorded
     global_batch = config.data.batch_size * config.data.grad_accum * world
     shard = ray.train.get_dataset_shard("train")
     bar = _progress(config, step) if rank == 0 else None
