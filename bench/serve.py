@@ -7,18 +7,36 @@
 
 What is compared, in one run on one machine:
 
-- Serve, batched (``batching.max_batch_size`` 8) and unbatched (1): for each concurrency c in (1, 8, 32),
-  ``max(4c, 16)`` real HTTP requests (``POST /v1/generate``, one image each) from c client threads in a closed
-  loop: images/s, p50/p99 latency and the mean images per sampler call (from the ``batch_size`` each answer
-  reports). Changing ``max_batch_size`` is a redeploy; each deployment is warmed before it is timed.
+- Serve, batched (``batching.max_batch_size`` 8) and unbatched (1), two applications up side by side (at
+  ``/batched`` and ``/unbatched``, never driven at once), each warmed before anything is timed: for each
+  concurrency c in (1, 8, 32), ``max(4c, 16)`` real HTTP requests (``POST /v1/generate``, one image each) from c
+  client threads in a closed loop: images/s, p50/p99 latency and the mean images per sampler call (from the
+  ``batch_size`` each answer reports).
 - The bare loop: ``FaceGenerator.generate`` in this process on the same requests, batches of 1 and 8, with the
-  same torch thread count as the Serve replica (``OMP_NUM_THREADS``, which Ray's workers inherit).
-- ``batching_speedup``: batched / unbatched images/s at the highest concurrency; ``serve_vs_bare``: Serve's best
-  images/s over the bare loop's best.
+  same torch thread count as the Serve replica (``OMP_NUM_THREADS``, which Ray's workers inherit), each image then
+  encoded as a PNG as the replica does: the bare loop does the work a Serve answer holds (``png_share``: the part
+  of its time the PNGs took, about 1% at 64², tiny MMFace-DiT).
+- The ratios come from ``--rounds`` (3) interleaved rounds on the same requests, each: the bare loop at batch 8,
+  Serve batched at the highest concurrency, the bare loop at batch 1, Serve unbatched at the highest concurrency.
+  On a shared machine the load moves within a run; interleaving puts it on both sides of each ratio alike.
+  ``serve_vs_bare``: batched Serve over the bare loop at the same batch (``max_batch_size``);
+  ``unbatched_vs_bare``: unbatched Serve over the bare loop at batch 1; ``batching_speedup``: batched over
+  unbatched Serve. Each is the median over the rounds, with ``*_range`` (min, max).
+- Where the CPU goes, per level and round (``cpu``: cores used; ``cpu_ms_per_image``): the model replica, the
+  ingress, the HTTP proxy, the client threads (their own CPU time; the client parses the JSON answer and decodes
+  no image), the rest of Ray (controller, raylet, GCS, the driver's threads), and ``other``: every process on the
+  machine that is not this bench's. The client and the server share the machine, so the client's CPU is CPU the
+  server did not get: it is reported, not subtracted. ``replica_cpu_vs_bare``: the bare loop's CPU per image at
+  the same batch over the replica process's (1.0: the replica spends nothing beyond the sampler and the PNGs);
+  ``serve_cpu_vs_bare``: over the whole Serve side's (replica, ingress, proxy, client, Ray). With two cores and
+  one torch thread, what the Serve side spends beyond the replica (about 0.25 cores for the tiny model at
+  ~10 images/s) runs beside the replica when the second core is free, and out of the replica's share when
+  something else keeps the machine busy.
 - A bounded load test on the batched deployment: 200 requests at concurrency 16; every non-200 is an error.
 
 The XL line halves the requests per level (``max(2c, 8)``) to keep the run short on a lent GPU (setup alone
-writes, publishes and loads 1.35 B parameters, 5 GiB in fp32, three times); the load test keeps its 200.
+writes, publishes and loads 1.35 B parameters, 5 GiB in fp32, three times, held at once: the bare loop and the
+two replicas); the load test keeps its 200.
 
 Every request: the same steps and guidance (classifier-free guidance, so each sampler step is a doubled batch),
 a fixed prompt, a fixed seed, a face mask on every other one. The model has random (perturbed) weights, written
@@ -33,8 +51,10 @@ channels replace the VAE's 16 (``latent_channels`` 192: only the patch embedding
 run once per image, not once per step; ``--codec PATH --text PATH`` puts the real ones in.
 
 Progress goes to stderr; ONE JSON line is printed last on stdout: ``device``, ``model``, ``steps``, ``results``
-(``mode``, ``concurrency``, ``requests``, ``errors``, ``images_per_s``, ``p50_s``, ``p99_s``, ``mean_batch``),
-``bare`` ({batch: images/s}), ``batching_speedup``, ``serve_vs_bare``, ``load_test``.
+(``mode``, ``concurrency``, ``requests``, ``errors``, ``images_per_s``, ``p50_s``, ``p99_s``, ``mean_batch``,
+``cpu``, ``cpu_ms_per_image``), ``rounds``, ``bare`` ({batch: median images/s}), ``batching_speedup``,
+``serve_vs_bare``, ``unbatched_vs_bare`` (each with ``*_range``), ``replica_cpu_vs_bare``, ``serve_cpu_vs_bare``,
+``png_share``, ``load_test``.
 """
 
 from __future__ import annotations
@@ -103,12 +123,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-requests", type=int, help="requests of the load test (default 200)")
     parser.add_argument("--load-concurrency", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch threads of the replica and the bare loop (CPU)")
+    parser.add_argument("--rounds", type=int, help="interleaved bare/Serve rounds of the ratios (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke size: concurrency 1 and 8, few requests")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (registry, weights)")
     args = parser.parse_args(argv)
     # what a flag leaves open: the full run's numbers, or the smoke test's with --quick
-    sizes = ("1,8", 1, 8, 20) if args.quick else ("1,8,32", 4, 16, 200)
-    for name, value in zip(("concurrency", "per_client", "min_requests", "load_requests"), sizes):
+    sizes = ("1,8", 1, 8, 20, 1) if args.quick else ("1,8,32", 4, 16, 200, 3)
+    for name, value in zip(("concurrency", "per_client", "min_requests", "load_requests", "rounds"), sizes):
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.levels = sorted({int(c) for c in args.concurrency.split(",")})
@@ -241,38 +262,53 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def drive(url: str, bodies: list[dict], concurrency: int) -> dict:
     """``bodies`` as HTTP requests from ``concurrency`` client threads, each sending its next request when its
-    previous one is answered (a closed loop: the server sees exactly ``concurrency`` requests in flight)."""
+    previous one is answered (a closed loop: the server sees exactly ``concurrency`` requests in flight).
+
+    ``cpu``: CPU cores each part used over the level (CPU seconds / wall seconds): the model replica, the ingress,
+    the HTTP proxy, the client threads, the rest of Ray (controller, raylet, GCS, the driver's own threads), and
+    ``other``: every process on the machine that is not this bench's (what else ran). ``cpu_ms_per_image``: the
+    same as CPU milliseconds per answered image."""
     import requests
 
     lock = threading.Lock()
     next_index = iter(range(len(bodies)))
+    client_cpu = []
 
     def client() -> list[tuple[float, int | None, int | None]]:
         session = requests.Session()
         done = []
+        cpu = time.thread_time()
         while True:
             with lock:
                 i = next(next_index, None)
             if i is None:
+                with lock:
+                    client_cpu.append(time.thread_time() - cpu)
                 return done
             started = time.perf_counter()
             try:
                 answer = session.post(f"{url}/v1/generate", json=bodies[i], timeout=600)
                 status = answer.status_code
+                # the JSON answer is parsed (its base64 PNG stays a string): the client decodes no image
                 batch = answer.json().get("batch_size") if status == 200 else None
             except (requests.RequestException, ValueError):
                 status = batch = None
             done.append((time.perf_counter() - started, status, batch))
 
+    before = cpu_snapshot()
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         outcomes = [o for f in [pool.submit(client) for _ in range(concurrency)] for o in f.result()]
     wall = time.perf_counter() - started
+    after = cpu_snapshot()
     ok = [(seconds, batch) for seconds, status, batch in outcomes if status == 200]
     latencies = [seconds for seconds, _ in ok]
     # each answer says the size of the sampler batch its image ran in: a batch of b images is seen b times,
     # so the number of sampler calls is sum(1/b) and the mean images per call is images / that
     calls = sum(1 / b for _, b in ok if b)
+    cpu = {role: after[role] - before[role] for role in after}
+    cpu["client"] = sum(client_cpu)
+    cpu["ray"] = cpu.pop("driver") - cpu["client"] + cpu["ray"]  # the driver's Ray threads, log printing
     return {
         "concurrency": concurrency,
         "requests": len(bodies),
@@ -281,31 +317,69 @@ def drive(url: str, bodies: list[dict], concurrency: int) -> dict:
         "p50_s": percentile(latencies, 50),
         "p99_s": percentile(latencies, 99),
         "mean_batch": round(len(ok) / calls, 3) if calls else None,
+        "cpu": {role: round(seconds / wall, 3) for role, seconds in cpu.items()},
+        "cpu_ms_per_image": {role: round(1e3 * seconds / len(ok), 2) for role, seconds in cpu.items()} if ok else None,
     }
 
 
-def bare_loop(weights: Path, device: str, requests: list, steps: int, guidance: float, batches: list[int]) -> dict:
-    """images/s of ``FaceGenerator.generate`` on ``requests`` in chunks of each batch size, in this process."""
-    import gc
+ROLES = {"FaceModel": "replica", "FaceforgeIngress": "ingress", "ProxyActor": "proxy"}
 
-    import torch
 
-    from modeling.generator import FaceGenerator
+def cpu_snapshot() -> dict[str, float]:
+    """CPU seconds so far: this process (``driver``: the client threads and the driver's Ray threads), its Ray
+    processes by role (``replica``, ``ingress``, ``proxy``, ``ray`` for the rest: controller, raylet, GCS,
+    dashboard), and ``other``: the whole machine's busy time less all of those (what else ran)."""
+    import psutil
 
-    generator = FaceGenerator(weights, device)
-    rates = {}
-    for batch in batches:
-        generator.generate(requests[:batch], steps, guidance)  # warm-up: allocator, kernels, MiniLM
-        started = time.perf_counter()
-        for i in range(0, len(requests), batch):
-            generator.generate(requests[i : i + batch], steps, guidance)  # returns host arrays: synchronised
-        rates[str(batch)] = round(len(requests) / (time.perf_counter() - started), 4)
-        log(f"bare loop, batch {batch}: {rates[str(batch)]:.3f} images/s")
-    del generator
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the replica gets the whole accelerator
-    return rates
+    totals = dict.fromkeys(("driver", "replica", "ingress", "proxy", "ray"), 0.0)
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            title = " ".join(process.cmdline()[:1])
+        except psutil.Error:  # gone between the listing and the read
+            continue
+        role = "driver" if process.pid == me.pid else next((r for k, r in ROLES.items() if k in title), "ray")
+        totals[role] += times.user + times.system
+    machine = psutil.cpu_times()
+    busy = machine.user + machine.nice + machine.system + getattr(machine, "irq", 0) + getattr(machine, "softirq", 0)
+    totals["other"] = busy - sum(totals.values())
+    return totals
+
+
+class BareLoop:
+    """``FaceGenerator.generate`` in this process on the bench's requests in chunks of a batch size, each image
+    then encoded as a PNG as the replica does (what a Serve answer holds)."""
+
+    def __init__(self, weights: Path, device: str, requests: list, steps: int, guidance: float) -> None:
+        from modeling.generator import FaceGenerator
+
+        self.generator = FaceGenerator(weights, device)
+        self.requests, self.steps, self.guidance = requests, steps, guidance
+        self.warm: set[int] = set()
+
+    def run(self, batch: int) -> dict:
+        """``images_per_s``, ``png_share`` (the part of the time spent encoding PNGs), ``cpu_ms_per_image`` (this
+        process's CPU time, all its threads: Ray's idle driver threads included) and ``cpu`` (cores used)."""
+        from serve.model import _png
+
+        if batch not in self.warm:  # allocator, kernels, MiniLM
+            [_png(image) for image in self.generator.generate(self.requests[:batch], self.steps, self.guidance)]
+            self.warm.add(batch)
+        png_s = 0.0
+        started, cpu = time.perf_counter(), time.process_time()
+        for i in range(0, len(self.requests), batch):
+            images = self.generator.generate(self.requests[i : i + batch], self.steps, self.guidance)  # synchronised
+            encoding = time.perf_counter()
+            [_png(image) for image in images]
+            png_s += time.perf_counter() - encoding
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        return {
+            "images_per_s": round(len(self.requests) / wall, 4),
+            "png_share": round(png_s / wall, 4),
+            "cpu_ms_per_image": round(1e3 * cpu / len(self.requests), 2),
+            "cpu": round(cpu / wall, 3),
+        }
 
 
 def serve_settings(args: argparse.Namespace, uri: str, model_id: str, root: Path, max_batch: int) -> dict:
@@ -325,29 +399,35 @@ def serve_settings(args: argparse.Namespace, uri: str, model_id: str, root: Path
             "ingress_max_queued": admit,
             "model_max_ongoing": admit,
             "model_max_queued": admit,
-            # the replica's CPU share is a scheduling label: its torch threads come from OMP_NUM_THREADS
+            # the replica's CPU share is a scheduling label: its torch threads come from OMP_NUM_THREADS; the
+            # batched and the unbatched deployments both stay up (and share the GPU), never driven at once
             "model_num_cpus": 0.5 if args.device == "cpu" else 1.0,
-            "model_num_gpus": 1.0 if args.device == "cuda" else 0.0,
+            "model_num_gpus": 0.5 if args.device == "cuda" else 0.0,
         },
     }
 
 
-def deploy(settings: dict, url: str, warm: list[dict]) -> None:
-    """(Re)deploy the app with ``settings`` and warm it: the first request loads the model into the replica,
-    then one full batch at the batch size runs every code path once before anything is timed."""
+def deploy(settings: dict, name: str, url: str, warm: list[dict]) -> None:
+    """Deploy the app with ``settings`` as application ``name`` at ``url``'s path and warm it: the first request
+    loads the model into the replica, then one full batch at the batch size runs every code path once before
+    anything is timed."""
     from ray import serve
 
     from serve.app import build_app
 
-    if APP in serve.status().applications:
-        serve.delete(APP)  # a fresh replica: no model, cache or batch queue left from the other setting
-    serve.run(build_app(settings), name=APP, route_prefix="/")
+    serve.run(build_app(settings), name=name, route_prefix="/" + url.split("/", 3)[3])
     first = drive(url, warm[:1], 1)
     if first["errors"]:
         raise RuntimeError(f"the deployment does not answer: {first}")
     batch = settings["batching"]["max_batch_size"]
     drive(url, warm[: max(batch, 2)], max(batch, 2))
-    log(f"deployed and warm (max_batch_size {batch})")
+    log(f"{name} deployed and warm (max_batch_size {batch})")
+
+
+def median_range(values: list[float]) -> tuple[float, list[float]]:
+    import statistics
+
+    return round(statistics.median(values), 3), [round(min(values), 3), round(max(values), 3)]
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -406,28 +486,39 @@ def main(argv: list[str] | None = None) -> dict:
             GenerationRequest(prompt=texts[i % len(texts)], mask=labels if i % MASK_EVERY else None, seed=i)
             for i in range(n_bare)
         ]
-        bare = bare_loop(weights, args.device, bare_requests, args.steps, args.guidance, sorted({1, args.batch}))
-
-        url = f"http://127.0.0.1:{free_port()}"
+        bare = BareLoop(weights, args.device, bare_requests, args.steps, args.guidance)
+        base = f"http://127.0.0.1:{free_port()}"
         ensure_ray(num_cpus=max(2, threads), local=True)
         from ray import serve
 
-        serve.start(http_options={"host": "127.0.0.1", "port": int(url.rsplit(":", 1)[1])})
-        log(f"Ray Serve on {url}")
-        results, load_test = [], None
+        serve.start(http_options={"host": "127.0.0.1", "port": int(base.rsplit(":", 1)[1])})
+        log(f"Ray Serve on {base}")
+        urls = {"batched": f"{base}/batched", "unbatched": f"{base}/unbatched"}
+        results, rounds, load_test = [], [], None
         try:
             for mode, max_batch in (("batched", args.batch), ("unbatched", 1)):
-                log(f"deploying {mode} (max_batch_size {max_batch})")
-                deploy(serve_settings(args, uri, model_id, root, max_batch), url, [body(i) for i in range(64)])
+                settings = serve_settings(args, uri, model_id, root, max_batch)
+                deploy(settings, f"{APP}-{mode}", urls[mode], [body(i) for i in range(64)])
+            for mode in ("batched", "unbatched"):
                 for c in args.levels:
                     n = max(args.per_client * c, args.min_requests)
-                    result = {"mode": mode, **drive(url, [body(i) for i in range(n)], c)}
+                    result = {"mode": mode, **drive(urls[mode], [body(i) for i in range(n)], c)}
                     results.append(result)
                     log(f"{mode}, concurrency {c}: {json.dumps(result)}")
                 if mode == "batched":
                     n, c = args.load_requests, args.load_concurrency
-                    load_test = drive(url, [body(i) for i in range(n)], c)
+                    load_test = drive(urls[mode], [body(i) for i in range(n)], c)
                     log(f"load test: {json.dumps(load_test)}")
+            # the ratios: the bare loop and Serve at the highest concurrency, interleaved in rounds on the same
+            # requests, so that what else runs on a shared machine weighs on both sides of each ratio alike
+            served = [body(i) for i in range(n_bare)]
+            for k in range(args.rounds):
+                one = {f"bare_{args.batch}": bare.run(args.batch)}
+                one["batched"] = drive(urls["batched"], served, top)
+                one["bare_1"] = bare.run(1)
+                one["unbatched"] = drive(urls["unbatched"], served, top)
+                rounds.append(one)
+                log(f"round {k + 1}/{args.rounds}: " + json.dumps({key: v["images_per_s"] for key, v in one.items()}))
         finally:
             serve.shutdown()
             stop_ray()
@@ -435,11 +526,20 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    def rate(mode: str, c: int) -> float | None:
-        return next((r["images_per_s"] for r in results if r["mode"] == mode and r["concurrency"] == c), None)
+    def ratios(numerator: str, denominator: str, field: str = "images_per_s") -> tuple[float, list[float]]:
+        return median_range([r[numerator][field] / r[denominator][field] for r in rounds])
 
-    batched, unbatched = rate("batched", top), rate("unbatched", top)
-    best_serve = max(r["images_per_s"] for r in results)
+    full = f"bare_{args.batch}"
+    serve_vs_bare = ratios("batched", full)
+    speedup = ratios("batched", "unbatched")
+    unbatched_vs_bare = ratios("unbatched", "bare_1")
+    # CPU per image: the bare loop's over the replica's, and over the whole Serve side's (client included)
+    replica_cpu = median_range(
+        [r[full]["cpu_ms_per_image"] / r["batched"]["cpu_ms_per_image"]["replica"] for r in rounds]
+    )
+    side = [sum(v for role, v in r["batched"]["cpu_ms_per_image"].items() if role != "other") for r in rounds]
+    serve_cpu = median_range([r[full]["cpu_ms_per_image"] / total for r, total in zip(rounds, side)])
+    bare_rates = {str(b): median_range([r[f"bare_{b}"]["images_per_s"] for r in rounds])[0] for b in (1, args.batch)}
     result = {
         "bench": "serve",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -455,10 +555,19 @@ def main(argv: list[str] | None = None) -> dict:
         "max_batch_size": args.batch,
         "batch_wait_timeout_s": args.batch_wait,
         "results": results,
-        "bare": bare,
-        "batching_speedup": round(batched / unbatched, 3) if batched and unbatched else None,
+        "rounds": rounds,
+        "bare": bare_rates,
+        "batching_speedup": speedup[0],
+        "batching_speedup_range": speedup[1],
         "batching_speedup_at": top,
-        "serve_vs_bare": round(best_serve / max(bare.values()), 3),
+        "serve_vs_bare": serve_vs_bare[0],
+        "serve_vs_bare_range": serve_vs_bare[1],
+        "unbatched_vs_bare": unbatched_vs_bare[0],
+        "unbatched_vs_bare_range": unbatched_vs_bare[1],
+        "replica_cpu_vs_bare": replica_cpu[0],
+        "serve_cpu_vs_bare": serve_cpu[0],
+        "serve_cpu_vs_bare_range": serve_cpu[1],
+        "png_share": rounds[0][full]["png_share"],
         "load_test": load_test,
         "wall_s": round(time.perf_counter() - started, 1),
     }

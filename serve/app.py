@@ -106,8 +106,9 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return JSONResponse({"detail": "; ".join(problems) + f" ({hint})"}, status_code=422)
 
 
-def _bearer_token(request: Request) -> None:
-    """With FACEFORGE_API_TOKEN set on the server, every /v1 route needs ``Authorization: Bearer <token>``."""
+async def _bearer_token(request: Request) -> None:
+    """With FACEFORGE_API_TOKEN set on the server, every /v1 route needs ``Authorization: Bearer <token>``. An
+    ``async def``: FastAPI would run a plain function in its thread pool, a thread hop per request for a compare."""
     expected = os.environ.get(TOKEN_ENV)
     if not expected:
         return
@@ -259,10 +260,11 @@ class FaceforgeIngress:
             problems.append(f"prompt has {len(body.prompt)} characters, over the limit of {limits.max_prompt_chars}")
         if problems:
             raise HTTPException(422, "; ".join(problems))
-        # decoding (up to max_image_side²) and the registry lookup block: off the event loop, so requests
-        # in flight keep moving
-        mask, sketch = await asyncio.to_thread(_conditions, body, limits)
-        ref = await asyncio.to_thread(self._resolve, body.model)
+        # decoding (up to max_image_side²) and a registry lookup that misses the cache block: off the event loop,
+        # so requests in flight keep moving; text alone and a cached reference need no thread hop
+        mask, sketch = await asyncio.to_thread(_conditions, body, limits) if body.mask or body.sketch else (None, None)
+        reference = body.model or self.default_reference
+        ref = (reference and self.registry.cached(reference)) or await asyncio.to_thread(self._resolve, body.model)
         seed = body.seed if body.seed is not None else random.randrange(2**31 - body.n)
         seeds = [seed + i for i in range(body.n)]
         items = [Item(prompt=body.prompt, mask=mask, sketch=sketch, seed=s) for s in seeds]

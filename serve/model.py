@@ -1,8 +1,9 @@
 """The model deployment: registered model versions loaded on demand (multiplexed, LRU) and batched sampling.
 
-One HTTP request of ``n`` images becomes ``n`` items. Items queue per (steps, guidance); Serve's batcher then
-splits every batch by multiplexed model id, so each batch that reaches ``FaceGenerator.generate`` is exactly
-one sampler call: one model version, one step count, one guidance scale. A bad item fails alone: its slot
+One HTTP request of ``n`` images becomes ``n`` items. Items queue per (model version, steps, guidance)
+(``serve.batching.Batcher``: a batch starts when the previous one of its queue is done, with what queued
+meanwhile), so each batch that reaches ``FaceGenerator.generate`` is exactly one sampler call: one model
+version, one step count, one guidance scale. A bad item fails alone: its slot
 of the batch carries the exception, the other images of the batch are delivered.
 
 This module imports no torch at import time: the ingress imports it to bind the application, and torch
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from serve.batching import Batcher
 from serve.registry import ModelRef, Registry
 from serve.settings import ServeSettings
 
@@ -59,7 +61,7 @@ def model_deployment(settings: ServeSettings):
             self.registry = Registry(self.settings.tracking_uri)
             self.cache_dir = self.settings.model_cache_dir()
             self.device = "cuda" if self.settings.capacity.model_num_gpus > 0 else "cpu"
-            self.queues: dict[tuple[int, float], object] = {}
+            self.queues: dict[tuple[str, int, float], Batcher] = {}
             self.replica = serve.get_replica_context().replica_id.unique_id  # answers carry it (X-Replica)
 
         @serve.multiplexed(max_num_models_per_replica=settings.batching.max_models_per_replica)
@@ -91,26 +93,27 @@ def model_deployment(settings: ServeSettings):
                     )
             steps = steps or generator.defaults.steps
             guidance = generator.defaults.guidance if guidance is None else float(guidance)
-            queue = self._queue(steps, guidance)
+            queue = self._queue(serve.get_multiplexed_model_id(), steps, guidance)
             results = await asyncio.gather(*(queue(item) for item in items))
             default = [generator.uses_default_layout(_request(item)) for item in items]
             return {"results": results, "steps": steps, "guidance": guidance, "size": generator.size,
                     "default_layout": default, "replica": self.replica}  # fmt: skip
 
-        def _queue(self, steps: int, guidance: float):
-            key = (steps, guidance)
+        def _queue(self, model_id: str, steps: int, guidance: float) -> Batcher:
+            key = (model_id, steps, guidance)
             if key not in self.queues:
                 batching = self.settings.batching
 
-                @serve.batch(max_batch_size=batching.max_batch_size, batch_wait_timeout_s=batching.batch_wait_timeout_s)
                 async def run(items: list[Item]) -> list[ItemResult | Exception]:
-                    return await self._run_batch(items, steps, guidance)
+                    return await self._run_batch(model_id, items, steps, guidance)
 
-                self.queues[key] = run
+                self.queues[key] = Batcher(run, batching.max_batch_size, batching.batch_wait_timeout_s, str(key))
             return self.queues[key]
 
-        async def _run_batch(self, items: list[Item], steps: int, guidance: float) -> list[ItemResult | Exception]:
-            generator = await self.get_model(serve.get_multiplexed_model_id())
+        async def _run_batch(
+            self, model_id: str, items: list[Item], steps: int, guidance: float
+        ) -> list[ItemResult | Exception]:
+            generator = await self.get_model(model_id)
 
             def sample_and_encode() -> list[bytes]:
                 # PNG encoding too stays off the event loop: it would hold up the next batch's intake

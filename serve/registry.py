@@ -61,12 +61,17 @@ class Registry:
         models = self.client.search_registered_models(filter_string=f"name LIKE '{REGISTERED_PREFIX}%'")
         return sorted(m.name for m in models)
 
-    def resolve(self, reference: str) -> ModelRef:
-        now = time.monotonic()
+    def cached(self, reference: str) -> ModelRef | None:
+        """``reference`` resolved less than ``ttl_s`` ago, else None (no database round trip either way)."""
         with self._lock:
             hit = self._cache.get(reference)
-        if hit and now - hit[0] < self.ttl_s:
-            return hit[1]
+        return hit[1] if hit and time.monotonic() - hit[0] < self.ttl_s else None
+
+    def resolve(self, reference: str) -> ModelRef:
+        hit = self.cached(reference)
+        if hit is not None:
+            return hit
+        now = time.monotonic()
         ref = self._resolve(reference)
         with self._lock:
             self._cache[reference] = (now, ref)

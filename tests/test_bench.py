@@ -51,6 +51,11 @@ SERVE_CONTRACT = {
     "bare",
     "batching_speedup",
     "serve_vs_bare",
+    "serve_vs_bare_range",
+    "unbatched_vs_bare",
+    "replica_cpu_vs_bare",
+    "serve_cpu_vs_bare",
+    "rounds",
     "load_test",
 }
 
@@ -80,6 +85,15 @@ def test_serve_bench_quick_prints_the_contract_last():
     assert max(r["mean_batch"] for r in [rows["batched", 8], load]) > 1
     assert set(result["bare"]) == {"1", "8"} and all(v > 0 for v in result["bare"].values())
     assert result["batching_speedup"] > 0 and result["serve_vs_bare"] > 0
+    # one interleaved round at --quick: bare loop and Serve on the same requests, with where the CPU went
+    (round_,) = result["rounds"]
+    assert set(round_) == {"bare_8", "batched", "bare_1", "unbatched"}
+    assert round_["bare_8"]["cpu_ms_per_image"] > 0 and 0 < round_["bare_8"]["png_share"] < 0.5
+    cpu = round_["batched"]["cpu_ms_per_image"]
+    assert {"replica", "ingress", "proxy", "client", "ray", "other"} == set(cpu)
+    assert cpu["replica"] > 0 and cpu["client"] > 0
+    low, high = result["serve_vs_bare_range"]
+    assert low == high == result["serve_vs_bare"]
 
 
 @pytest.mark.slow
