@@ -241,7 +241,7 @@ def main() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
     tmp = Path(tempfile.mkdtemp(prefix="faceforge-overhead-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}")
-    data = args.data or prepare_default(tmp)
+    data = str(Path(args.data).resolve()) if args.data else prepare_default(tmp)  # workers run in another cwd
     ensure_ray(log_to_driver=False)  # the workers' output stays in Ray's logs: stdout is for the JSON line
     results = [bench_config(c, data, args.steps, args.gpu, tmp, args.modes) for c in args.configs]
     device = torch.cuda.get_device_name(0) if args.gpu else f"cpu x{os.cpu_count()}"
