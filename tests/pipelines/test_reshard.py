@@ -8,6 +8,9 @@ holds 8-bit states at 1 and 2 workers, group 1 (6000) 8-bit at 1 worker and 32-b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import SimpleNamespace
+
 import bitsandbytes.functional as F
 import pytest
 import torch
@@ -39,8 +42,47 @@ def run(tmp_path_factory):
     return {"dirs": dirs, "results": results, "log": log.read_text()}
 
 
-def gathered(run, name):
-    return ZeroCheckpoint(scenario.optimizer_folder(run["dirs"][name]))
+@dataclass
+class Saved:
+    """A ZeRO checkpoint's optimizer files read independently of ``modeling.reshard``: per group the whole
+    unpadded master weights and states, 8-bit ones decoded with bitsandbytes' own dequantization."""
+
+    world: int
+    numel: list[int]
+    groups: list[SimpleNamespace]
+
+
+def read_saved(run, name) -> Saved:
+    files = sorted(scenario.optimizer_folder(run["dirs"][name]).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    ranks = [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in files]
+    groups = []
+    for i in range(len(ranks[0]["single_partition_of_fp32_groups"])):
+        masters, states, eight_bit, scalars = [], {}, set(), {}
+        for sd in ranks:
+            lean = sd["single_partition_of_fp32_groups"][i]
+            masters.append(lean)
+            base = sd["base_optimizer_state"]
+            state = dict(base["state"][base["param_groups"][i]["params"][0]])
+            state.update(state.pop("__bnb_optimizer_quant_state__", {}))
+            for key in ("state1", "state2"):
+                value = state[key]
+                if value.dtype == torch.uint8:
+                    eight_bit.add(key)
+                    n = key[-1]
+                    value = torch.ops.bitsandbytes.dequantize_blockwise(
+                        value, state[f"absmax{n}"], state[f"qmap{n}"], BLOCK, torch.float32
+                    )
+                states.setdefault(key, []).append(value[: lean.numel()])
+            scalars = {"step": state["step"]}
+        groups.append(
+            SimpleNamespace(
+                master=torch.cat(masters),
+                states={k: torch.cat(v) for k, v in states.items()},
+                eight_bit=frozenset(eight_bit),
+                scalars=scalars,
+            )
+        )
+    return Saved(len(ranks), [g.master.numel() for g in groups], groups)
 
 
 def module_weights(run, name) -> dict:
@@ -87,18 +129,18 @@ def test_model_and_fp32_master_weights_are_equal(run, direction, before, after):
     loaded = run["results"][after]["loaded"]
     assert saved.keys() == loaded.keys()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
-    old, new = gathered(run, before), gathered(run, after)
+    old, new = read_saved(run, before), read_saved(run, after)
     assert (old.world, new.world) == tuple(int(w) for w in direction.split("->"))
-    for a, b in zip(old.gather(), new.gather()):
+    for a, b in zip(old.groups, new.groups):
         assert torch.equal(a.master, b.master)
     # the master weights are the model's: group 0 is the first two weights, flattened in order
     first = torch.cat([loaded["0.weight"].flatten(), loaded["2.weight"].flatten()])
-    assert torch.equal(new.gather()[0].master, first)
+    assert torch.equal(new.groups[0].master, first)
 
 
 @pytest.mark.parametrize("direction, before, after", DIRECTIONS)
 def test_step_and_32bit_states_move_exactly(run, direction, before, after):
-    old, new = gathered(run, before).gather(), gathered(run, after).gather()
+    old, new = read_saved(run, before).groups, read_saved(run, after).groups
     for a, b in zip(old, new):
         assert b.scalars == a.scalars == {"step": 3}
         for key in a.states:
@@ -113,9 +155,9 @@ def test_step_and_32bit_states_move_exactly(run, direction, before, after):
 
 @pytest.mark.parametrize("direction, before, after", DIRECTIONS)
 def test_8bit_states_keep_shared_blocks_and_stay_within_half_a_code_step(run, direction, before, after):
-    old_ckpt, new_ckpt = gathered(run, before), gathered(run, after)
-    for i, (a, b) in enumerate(zip(old_ckpt.gather(), new_ckpt.gather())):
-        numel = old_ckpt.numel(i)
+    old_ckpt, new_ckpt = read_saved(run, before), read_saved(run, after)
+    for i, (a, b) in enumerate(zip(old_ckpt.groups, new_ckpt.groups)):
+        numel = old_ckpt.numel[i]
         for key in b.eight_bit:
             was, now = a.states[key], b.states[key]
             same = (
@@ -128,7 +170,7 @@ def test_8bit_states_keep_shared_blocks_and_stay_within_half_a_code_step(run, di
             moved = ~same
             assert bool(moved.any()) and bool(((now - was).abs() <= bound * (1 + 1e-5) + 1e-12)[moved].all()), (i, key)
     # group 0 at 2 workers: 8000-element slices, so old rank 1's blocks start off the 1-worker grid
-    assert 0 < int(kept_blocks(old_ckpt.numel(0), old_ckpt.world, new_ckpt.world).sum()) < old_ckpt.numel(0)
+    assert 0 < int(kept_blocks(old_ckpt.numel[0], old_ckpt.world, new_ckpt.world).sum()) < old_ckpt.numel[0]
 
 
 @pytest.mark.parametrize("direction, before, after", DIRECTIONS)
@@ -146,6 +188,15 @@ def test_one_step_after_resharding_continues_as_before(run, direction, before, a
     for name, weight in continued["weights"].items():
         difference = (weight - resharded["weights"][name]).abs().max().item()
         assert difference <= (1e-6 if name in exact else 0.1 * lr), (name, difference)
+
+
+@pytest.mark.parametrize("name", ["at2", "at1"])
+def test_gather_reads_what_was_saved(run, name):
+    ours, theirs = ZeroCheckpoint(scenario.optimizer_folder(run["dirs"][name])).gather(), read_saved(run, name)
+    for a, b in zip(ours, theirs.groups):
+        assert torch.equal(a.master, b.master) and a.eight_bit == b.eight_bit and a.scalars == b.scalars
+        assert a.states.keys() == b.states.keys()
+        assert all(torch.equal(a.states[k], b.states[k]) for k in a.states)
 
 
 def test_zero3_at_another_world_size_is_refused_in_one_line(run, tmp_path):
