@@ -11,10 +11,12 @@ with DeepSpeed ZeRO-2 and ``modeling.optim.AdamW8bit`` (gloo on 127.0.0.1, CPU, 
   1 -> 2  two workers restore the one-worker checkpoint and train ``--steps`` steps; the one worker's own
           steps are the continuation it is compared with.
 
-Every step sees the same 8 samples whatever the worker count (4 per worker at 2, 8 at 1). Progress goes to
-stderr; ONE JSON line is printed last on stdout: per direction the largest relative error of the first and second
-moments (over the elements whose 8-bit block changed, relative to the block's absmax), the largest weight
-difference after 1 and after ``--steps`` steps against the continuation, and the learning rate.
+Every step sees the same 8 samples whatever the worker count (4 per worker at 2, 8 at 1). As a baseline, 1
+worker also trains from the start (no reshard): 8-bit states are encoded on each worker count's own block grid at
+every step, so two worker counts drift apart even without one. Progress goes to stderr; ONE JSON line is printed
+last on stdout: per direction the error of each 8-bit moment (largest, relative to its block's absmax; and
+relative in norm) and how far the weights are from the continuation after 1 and ``--steps`` steps; the same
+weight figures for the baseline.
 """
 
 from __future__ import annotations
@@ -201,19 +203,27 @@ def run_jobs(jobs: list[tuple[int, dict]]) -> list[dict]:
 
 
 def scenario(root: Path, steps: int) -> dict:
-    """The three jobs: train at 2 and continue; restore at 1, save, continue; restore that at 2 and continue."""
+    """Train at 2 and continue; restore at 1, save, continue; restore that at 2 and continue; and, as the
+    baseline, 1 worker trained from the start on the same batches (no reshard at all)."""
     root.mkdir(parents=True, exist_ok=True)
     at2, at1, back = root / "at2", root / "at1", root / "back_at2"
     for folder in (at2, at1, back):
         folder.mkdir(exist_ok=True)
-    two, one, two_again = run_jobs(
+    two, one, two_again, fresh = run_jobs(
         [
             (2, {"save": str(at2), "steps": steps, "result": str(root / "two.pt")}),
             (1, {"load": str(at2), "save": str(at1), "steps": steps, "result": str(root / "one.pt")}),
             (2, {"load": str(at1), "save": str(back), "steps": steps, "result": str(root / "back.pt")}),
+            (1, {"steps": steps, "result": str(root / "fresh.pt")}),
         ]
     )
-    return {"dirs": {"at2": at2, "at1": at1, "back_at2": back}, "two": two, "one": one, "back": two_again}
+    return {
+        "dirs": {"at2": at2, "at1": at1, "back_at2": back},
+        "two": two,
+        "one": one,
+        "back": two_again,
+        "fresh": fresh,
+    }
 
 
 def optimizer_folder(checkpoint: Path) -> Path:
@@ -222,28 +232,42 @@ def optimizer_folder(checkpoint: Path) -> Path:
     return checkpoint / DEEPSPEED_DIR / DEEPSPEED_TAG
 
 
-def moment_errors(before: Path, after: Path) -> dict[str, float]:
-    """The largest |after - before| of each 8-bit-encoded moment, relative to the absmax of its new block."""
+def moment_errors(before: Path, after: Path) -> dict[str, dict[str, float]]:
+    """Per 8-bit-encoded moment after the reshard: the largest |after - before| relative to the absmax of its new
+    block, and ||after - before|| / ||before||."""
     from modeling.optim import BLOCK
     from modeling.reshard import ZeroCheckpoint, slice_size
 
     old, new = ZeroCheckpoint(optimizer_folder(before)), ZeroCheckpoint(optimizer_folder(after))
-    errors: dict[str, float] = {}
+    errors: dict[str, dict[str, float]] = {}
     for i, (a, b) in enumerate(zip(old.gather(), new.gather())):
         size = slice_size(new.numel(i), new.world)
-        for key in b.eight_bit:
-            values = torch.nn.functional.pad(a.states[key], (0, size * new.world - a.states[key].numel()))
-            blocks = values.view(new.world, size)
+        for key in sorted(b.eight_bit):
+            was, now = a.states[key], b.states[key]
+            blocks = torch.nn.functional.pad(was, (0, size * new.world - was.numel())).view(new.world, size)
             blocks = torch.nn.functional.pad(blocks, (0, -size % BLOCK)).view(new.world, -1, BLOCK)
             absmax = blocks.abs().amax(-1, keepdim=True).expand_as(blocks).reshape(new.world, -1)[:, :size]
-            scale = absmax.flatten()[: a.states[key].numel()].clamp_min(1e-30)
-            error = ((b.states[key] - a.states[key]).abs() / scale).max().item()
-            errors[f"group{i}.{key}"] = error
+            scale = absmax.flatten()[: was.numel()].clamp_min(1e-30)
+            errors[f"group{i}.{key}"] = {
+                "max_vs_block_absmax": ((now - was).abs() / scale).max().item(),
+                "norm_relative": ((now - was).norm() / was.norm()).item(),
+            }
     return errors
 
 
-def largest_weight_difference(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+def drift(a: list[dict], b: list[dict], start: dict) -> dict[str, float]:
+    """How far two continuations' weights are apart after their first and last step: the largest difference,
+    and the distance relative to how far the first one moved from ``start``."""
+
+    def flat(weights: dict) -> torch.Tensor:
+        return torch.cat([w.flatten() for w in weights.values()])
+
+    first, last = flat(a[-1]["weights"]), flat(b[-1]["weights"])
+    return {
+        "max_1_step": (flat(a[0]["weights"]) - flat(b[0]["weights"])).abs().max().item(),
+        "max_n_steps": (first - last).abs().max().item(),
+        "relative_to_distance_moved_n_steps": ((first - last).norm() / (first - flat(start)).norm()).item(),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -255,27 +279,20 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="faceforge-reshard-") as tmp:
         s = scenario(Path(args.out or tmp), args.steps)
         d = s["dirs"]
+        two, one, back, fresh = s["two"], s["one"], s["back"], s["fresh"]
         result = {
             "steps": args.steps,
             "lr": LR,
             "2->1": {
-                "moment_error_vs_block_absmax": moment_errors(d["at2"], d["at1"]),
-                "weight_diff_1_step": largest_weight_difference(
-                    s["two"]["after"][0]["weights"], s["one"]["after"][0]["weights"]
-                ),
-                "weight_diff_n_steps": largest_weight_difference(
-                    s["two"]["after"][-1]["weights"], s["one"]["after"][-1]["weights"]
-                ),
+                "moments": moment_errors(d["at2"], d["at1"]),
+                "weights": drift(two["after"], one["after"], two["trained"][-1]["weights"]),
             },
             "1->2": {
-                "moment_error_vs_block_absmax": moment_errors(d["at1"], d["back_at2"]),
-                "weight_diff_1_step": largest_weight_difference(
-                    s["one"]["after"][0]["weights"], s["back"]["after"][0]["weights"]
-                ),
-                "weight_diff_n_steps": largest_weight_difference(
-                    s["one"]["after"][-1]["weights"], s["back"]["after"][-1]["weights"]
-                ),
+                "moments": moment_errors(d["at1"], d["back_at2"]),
+                "weights": drift(one["after"], back["after"], one["loaded"]),
             },
+            # no reshard: 1 worker from the start against 2, over the same steps after the save
+            "1_vs_2_workers_from_the_start": drift(two["after"], fresh["after"], two["trained"][-1]["weights"]),
         }
     print(json.dumps(result), flush=True)
     return result
