@@ -226,11 +226,12 @@ class ZeroCheckpoint:
             old = self._state(r, group)
             blocks = torch.nonzero(same & (rank == r)).flatten()
             absmax[blocks] = old[f"absmax{suffix}"][offset[blocks] // BLOCK]
-            lengths = ends[blocks] - starts[blocks]
-            index = (starts[blocks] - lo)[:, None] + torch.arange(BLOCK)
-            source = offset[blocks][:, None] + torch.arange(BLOCK)
-            inside = torch.arange(BLOCK) < lengths[:, None]  # a slice's last block may be short
-            codes[index[inside]] = old[key][source[inside]]
+            # one old rank's kept blocks are consecutive in both grids: one copy of their codes
+            first, last = int(blocks[0]), int(blocks[-1])
+            if last - first + 1 != blocks.numel():
+                raise AssertionError(f"kept blocks {first}..{last} of rank {r} are not consecutive")
+            begin, end, source = int(starts[first]), int(ends[last]), int(offset[first])
+            codes[begin - lo : end - lo] = old[key][source : source + end - begin]
 
     def _scalar(self, group: int, key: str) -> object:
         values = [self._state(r, group)[key] for r in range(self.world)]
@@ -252,9 +253,11 @@ class ZeroCheckpoint:
 
 
 def decode(codes: Tensor, qmap: Tensor, absmax: Tensor) -> Tensor:
-    """bitsandbytes' blockwise dequantization: each code's map value times its 256-element block's absmax."""
-    scale = absmax.float().repeat_interleave(BLOCK)[: codes.numel()]
-    return qmap.float()[codes.long()] * scale
+    """bitsandbytes' blockwise dequantization (each code's map value times its 256-element block's absmax): the
+    values its 8-bit optimizer steps from."""
+    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+
+    return torch.ops.bitsandbytes.dequantize_blockwise(codes, absmax, qmap, BLOCK, torch.float32)
 
 
 def _same(a: object, b: object) -> bool:
