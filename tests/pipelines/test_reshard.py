@@ -199,6 +199,35 @@ def test_gather_reads_what_was_saved(run, name):
         assert all(torch.equal(a.states[k], b.states[k]) for k in a.states)
 
 
+@pytest.mark.parametrize("world", [3, 5])
+def test_any_worker_count_gets_the_whole_group_once(run, world):
+    """The re-cut at counts no job ran: the new ranks' slices, end to end, are the group padded for ``world``;
+    32-bit states exact; 8-bit ones (16000 / 3 = 5334 elements a slice, over min_8bit_size) within the bound."""
+    checkpoint, saved = ZeroCheckpoint(scenario.optimizer_folder(run["dirs"]["at2"])), read_saved(run, "at2")
+    parts = [checkpoint.partition(world, rank, min_8bit_size=4096) for rank in range(world)]
+    for i, whole in enumerate(saved.groups):
+        numel, size = saved.numel[i], slice_size(saved.numel[i], world)
+        slices = [p[i] for p in parts]
+        assert all(s.master.numel() == size for s in slices) and size * world - numel < 2 * world
+        assert torch.equal(torch.cat([s.master for s in slices])[:numel], whole.master)
+        assert all(s.state["step"] == 3 and s.settings["lr"] == slices[0].settings["lr"] for s in slices)
+        for key, was in whole.states.items():
+            if slices[0].state[key].dtype == torch.uint8:
+                n = key[-1]
+                now = torch.cat(
+                    [
+                        torch.ops.bitsandbytes.dequantize_blockwise(
+                            s.state[key], s.state[f"absmax{n}"], s.state[f"qmap{n}"], BLOCK, torch.float32
+                        )
+                        for s in slices
+                    ]
+                )[:numel]
+                bound = half_code_step(was, numel, world, signed=key == "state1")
+                assert i == 0 and bool(((now - was).abs() <= bound * (1 + 1e-5) + 1e-12).all()), (i, key)
+            else:
+                assert torch.equal(torch.cat([s.state[key] for s in slices])[:numel], was), (i, key)
+
+
 def test_zero3_at_another_world_size_is_refused_in_one_line(run, tmp_path):
     refusal = run["results"]["zero3"]["refusal"]
     assert "at2: a ZeRO-3 checkpoint written by 2 workers cannot be loaded by 1" in refusal
