@@ -722,11 +722,27 @@ def _restore(engine, ema, directory: Path) -> tuple[int, int, list[str]]:
                 f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
             )
 
+    import torch.distributed as dist
+
+    saved_world, world = int(state.get("world", 0)) or None, dist.get_world_size()
+    reshard = saved_world is not None and saved_world != world and engine.zero_optimization_stage() in (1, 2)
+    if saved_world is not None and saved_world != world and engine.zero_optimization_stage() == 3:
+        from modeling.reshard import zero3_refusal
+
+        raise zero3_refusal(directory, saved_world, world)
+    # at another world size DeepSpeed loads the module and the scheduler, the optimizer is re-cut here
     load_path, _ = engine.load_checkpoint(
-        str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, custom_load_fn=load_module if frozen else None
+        str(directory / DEEPSPEED_DIR),
+        tag=DEEPSPEED_TAG,
+        load_optimizer_states=not reshard,
+        custom_load_fn=load_module if frozen else None,
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory / DEEPSPEED_DIR}")
+    if reshard:
+        load_resharded_optimizer(engine, directory / DEEPSPEED_DIR / DEEPSPEED_TAG)
+        if dist.get_rank() == 0:
+            print(f"[faceforge] {directory.name}: resharded from {saved_world} to {world} workers", flush=True)
     if ema is not None:
         from modeling.weights import EMA_FILE
 
@@ -739,6 +755,43 @@ def _restore(engine, ema, directory: Path) -> tuple[int, int, list[str]]:
         data = json.loads(position.read_text())
         return int(state["step"]), int(data["pass"]), list(data["consumed"])
     return int(state["step"]), int(state["epoch"]), []  # an older checkpoint: the next pass, whole
+
+
+def load_resharded_optimizer(engine, folder: Path) -> None:
+    """This rank's share of a ZeRO-1/2 optimizer checkpoint written at another world size (``modeling.reshard``):
+    the fp32 master slice and the base optimizer's state (8-bit states included) for it, then the model's
+    (bit16) weights refreshed from the master weights as after an optimizer step."""
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from modeling.reshard import ZeroCheckpoint
+
+    zero = engine.optimizer
+    if not isinstance(zero, DeepSpeedZeroOptimizer):
+        raise ValueError(f"{folder}: resharding needs DeepSpeed's ZeRO-1/2 optimizer, not {type(zero).__name__}")
+    base = zero.optimizer
+    args = getattr(base, "args", None)  # bitsandbytes: 8-bit states for slices of min_8bit_size elements or more
+    min_8bit_size = args.min_8bit_size if getattr(args, "optim_bits", 32) == 8 else None
+    checkpoint = ZeroCheckpoint(folder)
+    if checkpoint.groups != len(base.param_groups):
+        raise ValueError(f"{folder}: {checkpoint.groups} parameter groups, this run has {len(base.param_groups)}")
+    for i, group in enumerate(base.param_groups):
+        numel = sum(p.numel() for p in zero.round_robin_bit16_groups[i]) + sum(zero.round_robin_bit16_padding[i])
+        if checkpoint.numel(i) != numel:
+            raise ValueError(f"{folder}: group {i} holds {checkpoint.numel(i)} elements, this model's {numel}")
+        process_group = zero.real_dp_process_group[i]
+        part = checkpoint.partition(
+            dist.get_world_size(group=process_group), dist.get_rank(group=process_group), min_8bit_size
+        )[i]
+        flat = zero.single_partition_of_fp32_groups[i]
+        flat.data.copy_(part.master.to(flat.device, flat.dtype))
+        # like Optimizer.load_state_dict: a tensor step stays where it was saved, the rest goes to the weights
+        base.state[flat] = {
+            k: v.to(flat.device) if torch.is_tensor(v) and k != "step" else v for k, v in part.state.items()
+        }
+        group.update(part.settings)  # lr as scheduled at the save, betas, ...
+    zero._hp_optimizer_states_linked = False  # DeepSpeed links the new state tensors at its next step
+    zero.update_lp_params()
 
 
 def _frozen(engine) -> set[str]:

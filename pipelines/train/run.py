@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modeling import storage
-from modeling.checkpoints import checkpoint_step, newest_complete, resolve_checkpoint
+from modeling.checkpoints import STATE_FILE, checkpoint_step, newest_complete, resolve_checkpoint
 from modeling.storage import Location, Where
 from pipelines.train.config import TrainConfig, dump_config, load_config
 from serve.settings import check_tracking_server, tracking_uri
@@ -241,6 +241,7 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
     set_aside_unusable_ray_snapshot(run_dir, resume)
     if resume is not None:
         print(f"[faceforge] resuming from {resume.name} (step {checkpoint_step(resume)})", file=sys.stderr)
+        check_world_size(resume, config)
     mark("checks")
     ensure_ray()
     mark("ray")
@@ -293,6 +294,16 @@ def train(config: TrainConfig, on_progress: Callable[[int, int], None] | None = 
     # Ray names a checkpoint in object storage by its path without the scheme
     checkpoint = str(storage.native(run_dir / Path(result.checkpoint.path).name)) if result.checkpoint else None
     return {"run": config.run.name, "mlflow_run_id": run_id, "checkpoint": checkpoint, "metrics": result.metrics}
+
+
+def check_world_size(checkpoint: Where, config: TrainConfig) -> None:
+    """A ZeRO-1/2 checkpoint loads at any number of workers (the workers reshard its optimizer state); a ZeRO-3 one
+    only at the number that wrote it: refused here in one line, before any worker starts."""
+    from modeling.reshard import zero3_refusal
+
+    saved = json.loads(storage.read_text(storage.location(checkpoint) / STATE_FILE)).get("world")
+    if config.train.zero_stage == 3 and saved and saved != config.scaling.num_workers:
+        raise zero3_refusal(checkpoint, saved, config.scaling.num_workers)
 
 
 def take_data_error(run_dir: Where) -> str | None:
