@@ -190,9 +190,16 @@ class GuidedDenoiser:
 
     def __init__(self, model: nn.Module, conditions: dict[str, Tensor], sampler: SamplerConfig) -> None:
         self.model = model
-        self.scale = sampler.guidance_scale
         cond = spatial_condition(conditions)
         b = cond.shape[0]
+        # one scale for the batch, or one per sample (``conditions["guidance_scale"]``, shape (B,)): a batch may mix
+        # requests that guide differently (text alone guides harder than text with a mask)
+        per_sample = conditions.get("guidance_scale")
+        self.scale = (
+            sampler.guidance_scale
+            if per_sample is None
+            else per_sample.to(device=cond.device, dtype=torch.float32).view(b, *([1] * (cond.dim() - 1)))
+        )
         keep = torch.zeros(b, dtype=torch.bool, device=cond.device)
         drop = torch.ones_like(keep)
         text, mask = text_with_dropout(
@@ -222,7 +229,8 @@ class GuidedDenoiser:
     def __call__(self, z: Tensor, model_time: Tensor) -> Tensor:
         out = self.model(x=torch.cat([z, z]), timestep=model_time.repeat(2), **self.kwargs)
         cond, uncond = out.chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        scale = self.scale.to(out.dtype) if isinstance(self.scale, Tensor) else self.scale
+        return uncond + scale * (cond - uncond)
 
 
 @torch.no_grad()

@@ -43,6 +43,9 @@ class SamplerDefaults:
 
     steps: int
     guidance: float
+    # what a request with no mask and no sketch gets (MMFace-DiT): text alone needs stronger guidance to state its
+    # colours; None: ``guidance`` for every request
+    text_guidance: float | None = None
 
 
 def read_weights_config(path: str | Path) -> dict:
@@ -61,7 +64,8 @@ def sampler_defaults(config: dict) -> SamplerDefaults:
 
         paper = SamplerConfig()
         steps, guidance = recorded.get("steps", paper.steps), recorded.get("guidance", paper.guidance_scale)
-        return SamplerDefaults(int(steps), float(guidance))
+        text = recorded.get("text_guidance")
+        return SamplerDefaults(int(steps), float(guidance), None if text is None else float(text))
     from modeling.face_mogle import FaceMoGLEConfig
 
     cfg = FaceMoGLEConfig.from_dict(config["model"])
@@ -138,6 +142,7 @@ class FaceGenerator:
             "accepts": accepted_inputs(self.arch),
             "default_steps": self.defaults.steps,
             "default_guidance": self.defaults.guidance,
+            "text_guidance": self.defaults.text_guidance,
             "weights": self.weights,
             "codec": self.config["codec"]["name"],
             "text_encoder": self.config["text_encoder"]["name"],
@@ -159,6 +164,14 @@ class FaceGenerator:
         MMFace-DiT generates from text alone, its spatial condition dropped as in training)."""
         return self.arch == "face-mogle" and request.mask is None and self.default_layout is not None
 
+    def default_guidance(self, request: GenerationRequest) -> float:
+        """The guidance a request that names none gets: the model's text-only guidance when it has one and the
+        request has neither a mask nor a sketch, else the model's guidance."""
+        text_alone = self.arch == "mmface-dit" and request.mask is None and request.sketch is None
+        if text_alone and self.defaults.text_guidance is not None:
+            return self.defaults.text_guidance
+        return self.defaults.guidance
+
     def _labels(self, request: GenerationRequest) -> np.ndarray:
         if request.mask is not None:
             return resize_labels(request.mask, self.size)
@@ -170,13 +183,16 @@ class FaceGenerator:
     def generate(
         self, requests: list[GenerationRequest], steps: int | None = None, guidance: float | None = None
     ) -> list[np.ndarray]:
-        """One (size, size, 3) uint8 image per request; ``steps``/``guidance`` None = the model's defaults."""
+        """One (size, size, 3) uint8 image per request; ``steps``/``guidance`` None = the model's defaults (guidance
+        per request: ``default_guidance``)."""
         if not requests:
             return []
         for request in requests:
             self.check(request)
         steps = steps or self.defaults.steps
-        guidance = self.defaults.guidance if guidance is None else guidance
+        if guidance is None:
+            scales = [self.default_guidance(r) for r in requests]
+            guidance = scales[0] if len(set(scales)) == 1 else scales
         # bf16 matmuls on a GPU (as in training); fp32 on CPU, where bf16 is slower and less exact
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
@@ -184,7 +200,7 @@ class FaceGenerator:
         pixels = ((self.codec.decode(latents.float()) + 1) * 127.5).round().clamp(0, 255).byte()
         return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
 
-    def _sample(self, requests: list[GenerationRequest], steps: int, guidance: float) -> torch.Tensor:
+    def _sample(self, requests: list[GenerationRequest], steps: int, guidance: float | list[float]) -> torch.Tensor:
         emb = self.text.encode([r.prompt for r in requests])
         conditions = {"text": emb.seq, "text_mask": emb.mask, "pooled": emb.pooled}
         conditions |= {k: v.to(self.device) for k, v in self.null.items()}
@@ -219,5 +235,8 @@ class FaceGenerator:
         # text-only requests: the spatial condition is dropped as in training (zeros)
         unconditioned = torch.tensor([r.mask is None and r.sketch is None for r in requests], device=self.device)
         conditions["mask_latent"][unconditioned] = 0
+        if isinstance(guidance, list):  # text-only and conditioned requests in one batch: a scale per sample
+            conditions["guidance_scale"] = torch.tensor(guidance, device=self.device)
+            guidance = guidance[0]
         objective = ObjectiveConfig(kind="flow" if self.config["objective"] == "rfm" else "ddpm")
         return sample(self.model, conditions, seeds, objective, SamplerConfig(steps=steps, guidance_scale=guidance))

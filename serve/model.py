@@ -92,7 +92,8 @@ def model_deployment(settings: ServeSettings):
                         "send a mask, or publish it again with `faceforge publish RUN --examples-from PREPARED`"
                     )
             steps = steps or generator.defaults.steps
-            guidance = generator.defaults.guidance if guidance is None else float(guidance)
+            # a request's items share their conditions: text alone may guide harder than text with a mask
+            guidance = generator.default_guidance(_request(items[0])) if guidance is None else float(guidance)
             queue = self._queue(serve.get_multiplexed_model_id(), steps, guidance)
             results = await asyncio.gather(*(queue(item) for item in items))
             default = [generator.uses_default_layout(_request(item)) for item in items]

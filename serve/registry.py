@@ -133,6 +133,7 @@ class Registry:
                         else {k: k in accepts.split(",") for k in ("text", "mask", "sketch")},
                         "default_steps": int(tags["default_steps"]) if "default_steps" in tags else None,
                         "default_guidance": float(tags["default_guidance"]) if "default_guidance" in tags else None,
+                        "text_guidance": float(tags["text_guidance"]) if "text_guidance" in tags else None,
                         "step": int(tags["step"]) if "step" in tags else None,
                     }
                 )

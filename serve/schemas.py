@@ -63,6 +63,11 @@ class ModelVersionInfo(BaseModel):
     accepts: dict[str, bool] | None
     default_steps: int | None
     default_guidance: float | None
+    text_guidance: float | None = Field(
+        None,
+        description="what a request with text alone (no mask, no sketch) that names no guidance gets; "
+        "null: default_guidance",
+    )
     step: int | None
     examples: list[ExampleInfo] = Field(
         default_factory=list, description="held-out example conditions shipped with the version (publish)"

@@ -16,16 +16,27 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real Ray started once on this machine's cores (tests that need it share it)."""
+    """A real Ray started once on this machine's cores (tests that need it share it): a private one, as
+    ``faceforge train`` starts, so that Ray Train's placement-group cleaner finds this Ray even while a test's
+    subprocess runs another on the same machine."""
     import ray
 
-    from pipelines.ray_runtime import quiet_ray_data
+    from pipelines.ray_runtime import ensure_ray, stop_ray
 
-    quiet_ray_data()
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="WARNING")
+    def restore(saved: dict) -> None:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.pop("RAY_ADDRESS", None)  # never a cluster the environment names: this machine's own Ray
+    ensure_ray(num_cpus=os.cpu_count() or 2)
+    restore(saved)  # its raylet and workers inherited RAY_ADDRESS naming it; the tests' subprocesses must not join it
     yield ray
-    ray.shutdown()
+    stop_ray()
+    restore(saved)
 
 
 @pytest.fixture(scope="session")

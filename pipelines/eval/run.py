@@ -98,12 +98,14 @@ def evaluate(
         raise ValueError(f"parser size {parsed.shape[1:]} differs from the data's {labels.shape[1:]}")
     result = score_text_only(images, parsed, attributes) if text_only else score(images, labels, parsed, attributes)
     state = json.loads((checkpoint / STATE_FILE).read_text()) if (checkpoint / STATE_FILE).is_file() else {}
+    if guidance is None:  # what the generator chose: text alone may guide harder than text with a mask
+        guidance = generator.default_guidance(GenerationRequest(prompt="", mask=None if text_only else labels[0]))
     result |= {
         "checkpoint": str(checkpoint),
         "arch": generator.arch,
         "step": state.get("step"),
         "steps": steps or generator.defaults.steps,
-        "guidance": generator.defaults.guidance if guidance is None else guidance,
+        "guidance": guidance,
         "parser": {"path": str(parser), **{k: judge.config.__dict__[k] for k in ("pixel_accuracy", "miou")}},
         "images_per_s": round(len(ids) / seconds, 2),
         "prompts": prompts[:4],

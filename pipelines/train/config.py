@@ -44,6 +44,8 @@ class ModelSection:
     # setting (MMFace-DiT 50 steps, CFG 7.5; Face-MoGLE 28 steps, guidance 3.5)
     sample_steps: int | None = None
     sample_guidance: float | None = None
+    # MMFace-DiT: the guidance a request with text alone (no mask, no sketch) gets; None: ``sample_guidance``
+    sample_text_guidance: float | None = None
     # MMFace-DiT: share of samples whose spatial condition (mask or sketch latent) is dropped in training, so
     # that text alone learns to draw a face; None = the paper's 5% (SPEC §1). Face-MoGLE never drops its global
     # mask (its local-mask dropout is ``options.local_mask_dropout``)

@@ -117,6 +117,7 @@ def publish(
         "accepts": ",".join(k for k, v in accepted_inputs(config["arch"]).items() if v),
         "default_steps": str(defaults.steps),
         "default_guidance": str(defaults.guidance),
+        **({"text_guidance": str(defaults.text_guidance)} if defaults.text_guidance is not None else {}),
         "examples": str(len(examples.examples)) if examples else "0",
     }
     for key, value in tags.items():

@@ -127,10 +127,13 @@ class Task:
         """How this model samples when served: the run's ``model.sample_*`` or the paper's setting."""
         steps, guidance = self.paper_sampler()
         m = self.config.model
-        return {
+        sampler = {
             "steps": m.sample_steps or steps,
             "guidance": guidance if m.sample_guidance is None else m.sample_guidance,
         }
+        if m.sample_text_guidance is not None:
+            sampler["text_guidance"] = m.sample_text_guidance
+        return sampler
 
     def condition_images(self, rows: dict) -> list[np.ndarray]:
         """What the sample grid shows as each sample's condition (the colour-coded mask)."""

@@ -157,6 +157,20 @@ def test_guidance_scale_one_equals_the_conditional_prediction(trained: MMFaceDiT
     assert not torch.allclose(strong, direct, atol=1e-4)
 
 
+def test_a_scale_per_sample_guides_each_sample_as_its_own_batch_would(trained: MMFaceDiT) -> None:
+    batch = make_batch(seed=8)
+    z, t = torch.randn_like(batch["latent"]), torch.full((4,), 300.0)
+    scales = [3.0, 7.0, 7.0, 3.0]
+    with torch.no_grad():
+        mixed = GuidedDenoiser(trained, {**conditions(batch), "guidance_scale": torch.tensor(scales)}, SamplerConfig())
+        out = mixed(z, t)
+        for scale in (3.0, 7.0):
+            alone = GuidedDenoiser(trained, conditions(batch), SamplerConfig(guidance_scale=scale))(z, t)
+            rows = [i for i, s in enumerate(scales) if s == scale]
+            torch.testing.assert_close(out[rows], alone[rows], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out[0], out[1])
+
+
 @pytest.mark.parametrize("guidance", ["text", "joint"])
 def test_unconditional_branch_drops_the_caption_and_only_with_joint_the_condition(guidance: str) -> None:
     batch = make_batch()

@@ -178,6 +178,11 @@ def test_text_only_face_mogle_draws_on_its_default_layout_and_says_so(server):
     # MMFace-DiT generates from text alone (its spatial condition dropped, as in training): no layout stands in
     mm = post(url, {**common, "model": f"{MM}/1"}).json()
     assert mm["default_layout"] is False and mm["layout"] is None and mm["model"] == f"{MM}/1"
+    # ... and guides text alone harder (the recipe's model.sample_text_guidance), as /v1/models says
+    listed = {v["id"]: v for m in requests.get(f"{url}/v1/models", timeout=30).json()["models"] for v in m["versions"]}
+    listed = listed[f"{MM}/1"]
+    assert (listed["default_guidance"], listed["text_guidance"]) == (3.0, 7.0) and mm["guidance"] == 7.0
+    assert post(url, {**common, "model": f"{MM}/1", "mask": layout}).json()["guidance"] == 3.0
     raw = post(url, {**common, "n": 1}, headers={"Accept": "image/png"})
     assert raw.headers["x-default-layout"] == "true"
 
