@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -120,13 +121,30 @@ class CheckpointSection:
 
 @dataclass
 class ScalingSection:
-    num_workers: int = 2
+    # an int: that many workers, fixed; [min, max]: elastic (Ray Train starts, and after a loss restarts, with as
+    # many as can be placed, at least min; it grows back towards max, checked every resize_check_s)
+    num_workers: int | list[int] = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     # CPU training: intra-op threads per worker; 0 = int(cpus_per_worker), at least 1 (a worker may use more
     # threads than the CPUs Ray reserves for it, e.g. to leave Ray Data its scheduling headroom)
     torch_threads: int = 0
     max_failures: int = 2
+    # elastic runs: how often Ray Train looks for room to grow a healthy worker group (growing restarts the
+    # workers from the newest checkpoint)
+    resize_check_s: float = 60.0
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
 
 
 @dataclass
@@ -190,7 +208,7 @@ class TrainConfig:
             ("train.max_steps", t.max_steps),
             ("data.batch_size", d.batch_size),
             ("data.grad_accum", d.grad_accum),
-            ("scaling.num_workers", self.scaling.num_workers),
+            ("scaling.num_workers", 1 if self.scaling.elastic else self.scaling.num_workers),
             ("checkpoint.every", self.checkpoint.every),
             ("checkpoint.keep", self.checkpoint.keep),
             ("logging.log_every", self.logging.log_every),
@@ -199,11 +217,50 @@ class TrainConfig:
                 problems.append(f"{name}={value}: must be >= 1")
         if t.lr <= 0:
             problems.append(f"train.lr={t.lr}: must be > 0")
+        problems += self._elastic_problems()
         if not 0 < self.ema.decay < 1:
             problems.append(f"ema.decay={self.ema.decay}: must be in (0, 1)")
         if problems:
             raise ValueError("invalid training config:\n  " + "\n  ".join(problems))
         return self
+
+    def _elastic_problems(self) -> list[str]:
+        s, d = self.scaling, self.data
+        if not s.elastic:
+            return []
+        low, high = s.min_workers, s.max_workers
+        if low < 1 or low > high:
+            return [f"scaling.num_workers={s.num_workers}: [min, max] with 1 <= min <= max"]
+        if self.train.zero_stage == 3:
+            return [
+                f"scaling.num_workers={s.num_workers} with train.zero_stage=3: a ZeRO-3 checkpoint loads only at the "
+                "world size that wrote it; use zero_stage 1 or 2 for elastic workers, or a fixed num_workers"
+            ]
+        uneven = [w for w in range(low, high + 1) if self.global_batch % (d.batch_size * w)]
+        if uneven:
+            return [
+                f"scaling.num_workers={s.num_workers}: the global batch {self.global_batch} (data.batch_size "
+                f"{d.batch_size} x data.grad_accum {d.grad_accum} x {high} workers) does not split into whole "
+                f"micro-batches of {d.batch_size} at {', '.join(map(str, uneven))} worker(s); raise data.grad_accum "
+                f"(e.g. to a multiple of {_lcm_up_to(low, high) // math.gcd(_lcm_up_to(low, high), high)}) or narrow "
+                "the range"
+            ]
+        return []
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: the configured one, whatever the number of workers an elastic run has."""
+        return self.data.batch_size * self.data.grad_accum * self.scaling.max_workers
+
+    def grad_accum_at(self, world: int) -> int:
+        """Micro-batches each of ``world`` workers accumulates per step, so that a step stays ``global_batch``."""
+        accum, rest = divmod(self.global_batch, self.data.batch_size * world)
+        if rest or accum < 1:
+            raise ValueError(
+                f"scaling.num_workers: {world} workers cannot make the global batch {self.global_batch} from "
+                f"micro-batches of {self.data.batch_size}"
+            )
+        return accum
 
     @property
     def precision(self) -> str:
@@ -242,6 +299,26 @@ ALIASES = {
     "sample_every": "logging.sample_every",
     "ema": "ema.enabled",
 }
+
+
+def _lcm_up_to(low: int, high: int) -> int:
+    return math.lcm(*range(low, high + 1))
+
+
+def _workers(value: Any) -> int | list[int]:
+    """``scaling.num_workers``: an int (fixed), or ``[min, max]`` (elastic; ``[n, n]`` is fixed at n)."""
+    items = yaml.safe_load(value) if isinstance(value, str) else value
+    if isinstance(items, tuple):
+        items = list(items)
+    if isinstance(items, list):
+        if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise ValueError(f"scaling.num_workers={value!r}: an int, or [min, max] of two ints (e.g. [1, 2])")
+        return items[0] if items[0] == items[1] else list(items)
+    if isinstance(items, bool) or not isinstance(items, int):
+        if isinstance(items, float) and items.is_integer():
+            return int(items)
+        raise ValueError(f"scaling.num_workers={value!r}: an int, or [min, max] of two ints (e.g. [1, 2])")
+    return items
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -288,6 +365,9 @@ def _apply(config: TrainConfig, key: str, value: Any, source: str) -> None:
     if field_name not in hints:
         known = ", ".join(f"{section_name}.{name}" for name in hints)
         raise ValueError(f"{source}: unknown key {key!r}; {section_name} has {known}")
+    if key == "scaling.num_workers":
+        section.num_workers = _workers(value)
+        return
     setattr(section, field_name, _coerce(value, hints[field_name], key))
 
 

@@ -88,7 +88,7 @@ def _drop_consumed(table, consumed: frozenset):
 
 def epochs_per_pass(config: TrainConfig, rows: int) -> int:
     """Epochs of a materialized split read in one pass of Ray Data: enough for ``MIN_PASS_STEPS`` global steps."""
-    per_step = config.data.batch_size * config.data.grad_accum * config.scaling.num_workers
+    per_step = config.global_batch
     return max(1, -(-MIN_PASS_STEPS * per_step // max(1, rows)))
 
 

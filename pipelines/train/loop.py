@@ -95,11 +95,13 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]):
     return None  # deepspeed_adamw: DeepSpeed builds it from the config
 
 
-def deepspeed_config(config: TrainConfig) -> dict:
+def deepspeed_config(config: TrainConfig, world: int | None = None) -> dict:
+    """``world``: the workers this group has (an elastic run's may be fewer than ``scaling.num_workers``' max);
+    each accumulates enough micro-batches that a step stays the configured global batch."""
     t = config.train
     ds = {
         "train_micro_batch_size_per_gpu": config.data.batch_size,
-        "gradient_accumulation_steps": config.data.grad_accum,
+        "gradient_accumulation_steps": config.grad_accum_at(world or config.scaling.max_workers),
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         # bitsandbytes and Prodigy are client optimizers DeepSpeed has not certified for ZeRO
@@ -239,7 +241,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer=optimizer,
         model_parameters=params if optimizer is None else None,
         lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, scheduler_fn)),
-        config=deepspeed_config(config),
+        config=deepspeed_config(config, world),
         dist_init_required=False,
     )
     startup.mark("deepspeed")
@@ -269,7 +271,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if source is not None:
             metrics.recover(source)
     startup.mark("mlflow_client")  # rank 0: MLflow imported, its client made, a restart recorded
-    global_batch = config.data.batch_size * config.data.grad_accum * world
+    # the configured global batch, whatever this group's size: each worker accumulates grad_accum micro-batches
+    global_batch, grad_accum = config.global_batch, config.grad_accum_at(world)
     shard = ray.train.get_dataset_shard("train")
     bar = _progress(config, step) if rank == 0 else None
     progress_file = ProgressFile(loop_config.get("run_dir"), config.train.max_steps) if rank == 0 else None
@@ -332,11 +335,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "train/loss": window.mean_loss(),
                     "train/lr": float(scheduler.get_last_lr()[0]),
                     "train/grad_norm": _grad_norm(engine),
-                    "train/samples_per_s": global_batch * (window.n / config.data.grad_accum) / elapsed,
+                    "train/samples_per_s": global_batch * (window.n / grad_accum) / elapsed,
                     "train/data_wait_frac": window.phases.get("data_wait", 0.0) / elapsed,
                     "train/epoch": epoch * loop_config.get("epochs_per_pass", 1),
                     "train/world_size": world,
-                    **window.breakdown(config.data.grad_accum),
+                    "train/grad_accum": grad_accum,
+                    **window.breakdown(grad_accum),
                     **startup.report(),
                 }
                 if device.type == "cuda":

@@ -62,25 +62,35 @@ def check_batch_fits_split(config: TrainConfig, manifest: dict) -> None:
     rows = split.get("n_written")
     if rows is None:
         return
-    per_step = config.data.batch_size * config.scaling.num_workers
+    workers = config.scaling.max_workers  # the most workers, each wanting a micro-batch
+    per_step = config.data.batch_size * workers
     if rows < per_step:
         raise ValueError(
             f"{config.data.path}: the '{config.data.split}' split has {rows} rows, fewer than one step's batch "
-            f"({config.data.batch_size} per worker x {config.scaling.num_workers} workers = {per_step}); lower "
+            f"({config.data.batch_size} per worker x {workers} workers = {per_step}); lower "
             "data.batch_size or scaling.num_workers"
         )
 
 
 def check_cluster_can_place(config: TrainConfig, local: bool) -> None:
     """On the private local Ray, refuse workers that cannot all run (Ray would wait forever); on a cluster
-    (which may autoscale) say what the run waits for."""
+    (which may autoscale) say what the run waits for. An elastic run (``num_workers: [min, max]``) needs ``min``
+    to start; it says when fewer than ``max`` can be placed now."""
     import sys
 
     import ray
 
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    workers = config.scaling.num_workers
+    s = config.scaling
+    workers = s.min_workers
+    placeable = int(gpus) if s.use_gpu else max(1, int(cpus))
+    if s.elastic and workers <= placeable < s.max_workers:
+        print(
+            f"[faceforge] scaling.num_workers={s.num_workers}: room for {placeable} worker(s) now; starting with "
+            f"what can be placed, growing towards {s.max_workers} as the cluster does",
+            file=sys.stderr,
+        )
     problems = []
     if config.scaling.use_gpu and workers > gpus:
         problems.append(f"{workers} workers with a GPU each, and Ray has {gpus:g} GPU(s)")
@@ -92,7 +102,7 @@ def check_cluster_can_place(config: TrainConfig, local: bool) -> None:
         return
     if local:
         raise ValueError(
-            f"scaling.num_workers={workers}: {'; '.join(problems)}; this machine cannot place them. Use workers<="
+            f"scaling.num_workers={s.num_workers}: {'; '.join(problems)}; this machine cannot place them. Use workers<="
             f"{max(1, int(gpus if config.scaling.use_gpu else cpus))} or submit to a cluster"
         )
     print(f"[faceforge] waiting for resources: {'; '.join(problems)} (the cluster may scale up)", file=sys.stderr)

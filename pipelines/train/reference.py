@@ -156,7 +156,7 @@ def reference_samples_per_s(config, manifest: dict, steps: int, mode: str = "bar
         raise ValueError(f"mode {mode!r}: bare or deepspeed")
     import torch.multiprocessing as mp
 
-    world = config.scaling.num_workers
+    world = config.scaling.max_workers
     context = mp.get_context("spawn")
     out = context.Queue()
     port = _free_port()

@@ -148,7 +148,14 @@ def build_trainer(config: TrainConfig, manifest: dict, loop_extra: dict):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "manifest": manifest, **loop_extra},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        # [min, max]: Ray Train's elastic policy starts (and after a failure restarts) with as many workers as
+        # can be placed, at least min, and grows a running group back towards max every resize_check_s
+        scaling_config=ScalingConfig(
+            num_workers=(s.min_workers, s.max_workers) if s.elastic else s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=s.resize_check_s,
+        ),
         run_config=RunConfig(
             name=config.run.name,
             # an object store: Ray Train takes the bucket path without its scheme, plus the filesystem
@@ -170,11 +177,12 @@ def leave_cpu_headroom(config: TrainConfig) -> None:
     import ray
 
     total = ray.cluster_resources().get("CPU", 1)
-    wanted = config.scaling.num_workers * config.scaling.cpus_per_worker
+    workers = config.scaling.max_workers
+    wanted = workers * config.scaling.cpus_per_worker
     if wanted > total - 1:
-        shrunk = max(0.1, (total - 1) / config.scaling.num_workers)
+        shrunk = max(0.1, (total - 1) / workers)
         print(
-            f"[faceforge] {config.scaling.num_workers} workers x {config.scaling.cpus_per_worker} CPU would leave "
+            f"[faceforge] {workers} workers x {config.scaling.cpus_per_worker} CPU would leave "
             f"Ray Data no CPU of {total:g}; using {shrunk:.2f} CPU per worker (scaling.cpus_per_worker)",
             file=sys.stderr,
         )
@@ -302,8 +310,8 @@ def check_world_size(checkpoint: Where, config: TrainConfig) -> None:
     from modeling.reshard import zero3_refusal
 
     saved = json.loads(storage.read_text(storage.location(checkpoint) / STATE_FILE)).get("world")
-    if config.train.zero_stage == 3 and saved and saved != config.scaling.num_workers:
-        raise zero3_refusal(checkpoint, saved, config.scaling.num_workers)
+    if config.train.zero_stage == 3 and saved and saved != config.scaling.max_workers:
+        raise zero3_refusal(checkpoint, saved, config.scaling.max_workers)
 
 
 def take_data_error(run_dir: Where) -> str | None:
