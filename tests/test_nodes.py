@@ -109,12 +109,12 @@ class LocalCluster:
         return killed
 
     def close(self) -> None:
-        """``ray start --block`` stops its node on SIGTERM; what is left after a grace period is killed. Only the
+        """``ray start --block`` stops its node on SIGTERM; what is left after 5 s is killed. Only the
         processes these nodes started are touched (the worker nodes first, the head and its GCS last)."""
         for node in reversed(self.nodes):
             processes = node.processes()
             _kill([p for p in processes if p.pid == node.process.pid], signal.SIGTERM)
-            _, alive = psutil.wait_procs(processes, timeout=20)
+            _, alive = psutil.wait_procs(processes, timeout=5)  # then killed: nothing of it is needed any more
             _kill(alive)
             psutil.wait_procs(alive, timeout=10)
             node.process.poll()  # reaped: no zombie left behind
