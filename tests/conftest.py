@@ -98,11 +98,3 @@ def short_recipe(ray_local, tmp_path_factory):
                      f"max_steps={steps}", f"ckpt_every={steps}", "sample_every=0"]  # fmt: skip
         train(load_config(CONFIGS / "mmface_dit_tiny.yaml", overrides))
         yield {"root": root, "parser": parser, "uri": f"sqlite:///{root / 'mlflow.db'}"}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under ``pytest -n 2`` (make test), the tests that share the short recipe run in one worker, which trains it
-    once (a session fixture is per worker)."""
-    for item in items:
-        if "short_recipe" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("short_recipe"))

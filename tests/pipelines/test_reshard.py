@@ -21,6 +21,8 @@ from modeling.reshard import ZeroCheckpoint, slice_size
 from pipelines.train.run import check_world_size
 
 DIRECTIONS = [("2->1", "at2", "at1"), ("1->2", "at1", "back")]
+# six DeepSpeed processes behind one module fixture: 55-160 s on the 2-core machine, so not in make test-fast
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
