@@ -138,11 +138,12 @@ class AdamW8bit(bnb.optim.AdamW8bit):
             w32.addcdiv_(m, denom, value=-step_size)
             if w32 is not w:
                 w.copy_(w32)
-            _quantize_into(quant1, m, state1[start:end], absmax1[blocks])
-            _quantize_into(quant2, v, state2[start:end], absmax2[blocks])
+            quantize_into(quant1, m, state1[start:end], absmax1[blocks])
+            quantize_into(quant2, v, state2[start:end], absmax2[blocks])
 
 
-def _quantize_into(quantizer: NearestCodeQuantizer, values: Tensor, codes: Tensor, absmax: Tensor) -> None:
+def quantize_into(quantizer: NearestCodeQuantizer, values: Tensor, codes: Tensor, absmax: Tensor) -> None:
+    """Quantize 1-D ``values`` of any length into ``codes`` (same length) and one ``absmax`` per 256-block."""
     ragged = values.numel() % BLOCK
     if not ragged:
         quantizer.quantize_(values, codes, absmax)

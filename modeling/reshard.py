@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from modeling.optim import BLOCK, NearestCodeQuantizer
+from modeling.optim import BLOCK, NearestCodeQuantizer, quantize_into
 
 ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: each group is padded to a multiple of 2 * world
 OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
@@ -202,12 +202,9 @@ class ZeroCheckpoint:
             import bitsandbytes.functional as F
 
             qmap = F.create_dynamic_map(signed=suffix == "1")
-        blocks = -(-values.numel() // BLOCK)
-        padded = torch.nn.functional.pad(values, (0, blocks * BLOCK - values.numel()))
-        codes = torch.empty(padded.numel(), dtype=torch.uint8)
-        absmax = torch.empty(blocks, dtype=torch.float32)
-        NearestCodeQuantizer(qmap).quantize_(padded, codes, absmax)
-        codes = codes[: values.numel()].clone()
+        codes = torch.empty(values.numel(), dtype=torch.uint8)
+        absmax = torch.empty(-(-values.numel() // BLOCK), dtype=torch.float32)
+        quantize_into(NearestCodeQuantizer(qmap), values, codes, absmax)
         if kind == "8bit":
             self._keep_aligned_blocks(group, key, suffix, lo, hi, codes, absmax)
         return {key: codes, f"qmap{suffix}": qmap, f"absmax{suffix}": absmax}
