@@ -189,6 +189,10 @@ class FaceGenerator:
             return []
         for request in requests:
             self.check(request)
+        if self.device.type == "cpu":
+            # the flag lives in each thread's floating-point state: a server samples in pool threads that may
+            # predate this generator (Serve's replica builds it in one pool thread and samples in others)
+            torch.set_flush_denormal(True)
         steps = steps or self.defaults.steps
         if guidance is None:
             scales = [self.default_guidance(r) for r in requests]
