@@ -95,3 +95,30 @@ def test_a_pass_of_several_epochs_names_each_copy_and_a_resumed_pass_skips_what_
     assert remaining_rows(rows, ["3#0"]).count() == 9  # a single-epoch pass has no copy column: copy 0
     chunk = {"id": np.array([5, 6, 7]), "copy": np.array([0, 2, 1])}
     assert row_names(chunk, [2, 0]) == ["7#1", "5#0"] and row_names({"id": np.array([4])}, [0]) == ["4#0"]
+
+
+def test_a_small_split_read_by_the_driver_is_the_split_ray_data_materializes(prepared, monkeypatch):
+    """A split kept in the object store is read by the driver itself when it is small (``DRIVER_READ_BYTES``), by
+    Ray Data's ``materialize()`` above that: both give the same rows of the task's columns, each epoch's copy once."""
+    import json
+
+    import pipelines.train.feed as feed
+    from pipelines.train.config import load_config
+    from pipelines.train.tasks import make_task
+    from tests.pipelines.test_train import CONFIGS
+
+    config = load_config(CONFIGS / "mmface_dit_tiny.yaml", [f"data={prepared}", "data.materialize=always"])
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    columns = make_task(config, manifest).columns
+
+    def rows() -> tuple[int, list[tuple[str, int]], set[str]]:
+        dataset, repeats = feed.build_dataset(config, manifest, columns)
+        taken = dataset.take_all()
+        return repeats, sorted((r["id"], r[feed.COPY]) for r in taken), set(taken[0])
+
+    by_driver = rows()
+    monkeypatch.setattr(feed, "DRIVER_READ_BYTES", 0)
+    by_ray_data = rows()
+    repeats, names, keys = by_driver
+    assert repeats > 1 and len(names) == len(set(names)) == repeats * manifest["counts"]["splits"]["train"]["n_written"]
+    assert by_driver == by_ray_data and keys == {*columns, feed.COPY}
