@@ -110,6 +110,7 @@ def test_a_small_split_read_by_the_driver_is_the_split_ray_data_materializes(pre
     config = load_config(CONFIGS / "mmface_dit_tiny.yaml", [f"data={prepared}", "data.materialize=always"])
     manifest = json.loads((prepared / "manifest.json").read_text())
     columns = make_task(config, manifest).columns
+    monkeypatch.setattr(feed, "MIN_PASS_STEPS", 4)  # a pass of a few epochs, not ~200 steps' worth
 
     def rows() -> tuple[int, list[tuple[str, int]], set[str]]:
         dataset, repeats = feed.build_dataset(config, manifest, columns)
